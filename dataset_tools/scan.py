@@ -1,0 +1,70 @@
+"""Scan an ImageFolder tree (root/<class>/<image>) into (path, label) samples with a fixed class -> index map.
+
+The train split decides the class list (sorted directory names); every other split and every loader backend reuses
+it, so label 3 means the same class everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastimagenet.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass
+class FolderScan:
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]  # (path, label), sorted by class then file name
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why it is not a sample
+
+    def report(self) -> str:
+        lines = [f"{self.root}: {len(self.samples)} images in {len(self.classes)} classes"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} files:")
+            lines += [f"  {path}: {reason}" for path, reason in sorted(self.skipped.items())[:20]]
+            if len(self.skipped) > 20:
+                lines.append(f"  ... and {len(self.skipped) - 20} more")
+        return "\n".join(lines)
+
+
+def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None) -> FolderScan:
+    """List the images of a split. `classes`: the train split's class list, when scanning another split."""
+    root = Path(root)
+    if not str(root):
+        raise UserError("no data directory given (set data.train / data.val)")
+    if not root.exists():
+        raise UserError(f"{root}: data directory does not exist")
+    if not root.is_dir():
+        raise UserError(f"{root}: expected an ImageFolder directory (root/<class>/<image>), found a file")
+    found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not found:
+        raise UserError(f"{root}: no class sub-directories (expected {root}/<class>/<image>)")
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise UserError(f"{root}: classes not present in the train split: {', '.join(unknown[:10])}")
+    index = {name: i for i, name in enumerate(classes)}
+    samples, skipped = [], {}
+    for name in found:
+        class_dir = root / name
+        images = []
+        for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_file():
+                skipped[entry.path] = "not a file"
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append((entry.path, index[name]))
+            else:
+                skipped[entry.path] = "not an image file extension"
+        if not images:
+            raise UserError(f"{class_dir}: class directory has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        samples += images
+    return FolderScan(root, list(classes), samples, skipped)

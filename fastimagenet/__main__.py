@@ -1,0 +1,3 @@
+from fastimagenet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The `fastimagenet` command line. Each subcommand is a thin layer over a function that tests call directly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fastimagenet.errors import UserError
+
+DATA_HOME = Path(os.environ.get("FASTIMAGENET_DATA", Path.home() / ".cache" / "fastimagenet"))
+LOADER_NAMES = ("torchvision", "dali", "ffcv", "synthetic")
+
+
+def _overrides(args) -> list[str]:
+    extra = list(args.overrides)
+    if getattr(args, "loader", None):
+        extra.insert(0, f"loader.name={args.loader}")
+    return extra
+
+
+def cmd_train(args) -> None:
+    from fastimagenet.config import load_config
+    from fastimagenet.train import fit
+
+    fit(load_config(args.config, _overrides(args)))
+
+
+def cmd_demo(args) -> None:
+    from dataset_tools.fashion_mnist import prepare_fashion_mnist
+    from fastimagenet.config import load_config
+    from fastimagenet.train import fit
+
+    root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
+    overrides = [f"data.train={root / 'train'}", f"data.val={root / 'val'}"]
+    if args.out_dir:
+        overrides.append(f"runtime.out_dir={args.out_dir}")
+    record = fit(load_config("demo_fashion_mnist", overrides + _overrides(args)))
+    print(f"demo: Fashion-MNIST val top-1 {record['val_top1']:.2%}")
+
+
+def cmd_bench_loader(args) -> None:
+    from fastimagenet.bench import bench_loader, print_result
+
+    # `--baseline` with no value means the torchvision reference; no flag means no baseline.
+    baselines = [] if args.baseline is None else (args.baseline or ["torchvision"])
+    print_result(bench_loader(args.loader, args.data, args.resolution, args.batch_size, args.workers, args.device,
+                              baselines))
+
+
+def cmd_make_data(args) -> None:
+    if args.kind == "fashion-mnist":
+        from dataset_tools.fashion_mnist import prepare_fashion_mnist
+
+        print(prepare_fashion_mnist(Path(args.out)))
+    else:
+        from dataset_tools.synthetic_jpegs import make_jpeg_folder
+
+        for split, per_class in (("train", args.per_class), ("val", max(1, args.per_class // 5))):
+            make_jpeg_folder(Path(args.out) / split, args.classes, per_class, args.size, seed=int(split == "val"))
+        print(f"{args.out}/{{train,val}}: {args.classes} classes of ~{args.size} px JPEGs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastimagenet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="Train a ResNet from a recipe plus key=value overrides.")
+    train.add_argument("--config", help="A recipe: a YAML path or the name of a file in configs/ (e.g. rn50_18ep).")
+    train.add_argument("--loader", choices=LOADER_NAMES, help="Loader backend (same as loader.name=NAME).")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="Config overrides, e.g. data.train=/data/train epochs=16 optim.lr=0.5.")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="Train a small ResNet on the built-in Fashion-MNIST dataset (CPU, minutes).")
+    demo.add_argument("--loader", choices=LOADER_NAMES, help="Loader backend for the demo (default torchvision).")
+    demo.add_argument("--out-dir", help="Run directory (default runs/<arch>-<timestamp>).")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides on top of the demo recipe.")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    bl = bench_sub.add_parser("loader", help="Images/s of a loader alone (2nd pass), printed as one JSON line.")
+    bl.add_argument("--loader", choices=LOADER_NAMES, required=True, help="Loader backend to measure.")
+    bl.add_argument("--data", default="", help="Train split to read (ImageFolder dir, or .beton for ffcv).")
+    bl.add_argument("--resolution", type=int, default=176, help="Output resolution in pixels.")
+    bl.add_argument("--batch-size", type=int, default=64, help="Images per batch.")
+    bl.add_argument("--workers", type=int, default=0, help="Worker processes/threads (0: one per CPU core).")
+    bl.add_argument("--device", default="cpu", help="Where batches are delivered: cpu or cuda.")
+    bl.add_argument("--baseline", nargs="*", choices=("torchvision", "raw"),
+                    help="Also measure, in the same run: 'torchvision' (the plain ImageFolder pipeline; the "
+                         "default when the flag has no value) and/or 'raw' (the backend's library used by hand).")
+    bl.set_defaults(func=cmd_bench_loader)
+
+    make = sub.add_parser("make-data", help="Write a built-in dataset as an ImageFolder tree (train/ and val/).")
+    make.add_argument("kind", choices=("fashion-mnist", "jpegs"),
+                      help="fashion-mnist: Debian's Fashion-MNIST as JPEGs; jpegs: synthetic ImageNet-like JPEGs.")
+    make.add_argument("out", help="Output directory.")
+    make.add_argument("--classes", type=int, default=10, help="jpegs: number of classes.")
+    make.add_argument("--per-class", type=int, default=50, help="jpegs: train images per class (val gets 1/5).")
+    make.add_argument("--size", type=int, default=400, help="jpegs: typical image side in pixels.")
+    make.set_defaults(func=cmd_make_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,361 @@
+"""Typed run configuration: defaults -> recipe YAML -> `key=value` overrides.
+
+Every setting lives in one dataclass field, grouped by concern. Unknown keys and values of the wrong type are
+errors that name the key and suggest the closest valid one, so a typo never silently trains the wrong thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import subprocess
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fastimagenet.errors import UserError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # ImageFolder dir (root/<class>/<image>) or a .beton file, depending on the loader
+    val: str = ""
+    num_classes: int = 0  # 0: inferred from the train split
+    strict: bool = False  # unreadable images: error (true) or skip and report (false)
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect ratio
+    flip: bool = True
+    crop_ratio: float = 224 / 256  # eval: centre crop side / shorter image side
+    val_resolution: int = 0  # 0: the last training stage's resolution
+    val_batch_size: int = 0  # 0: optim.batch_size
+
+
+@dataclass
+class DaliOptions:
+    device: str = "auto"  # gpu (mixed decode) | cpu | auto (gpu when CUDA is available)
+    threads: int = 0  # 0: one per CPU core
+    hw_decoder_load: float = 0.65  # share of JPEG decode sent to the A100/H100 hardware decoder
+    prefetch: int = 2  # batches prepared ahead
+
+
+@dataclass
+class FfcvOptions:
+    order: str = "random"  # random | quasi_random
+    os_cache: bool = False  # memory-map the whole file (when it fits in RAM) instead of reading per batch
+
+
+@dataclass
+class LoaderConfig:
+    name: str = "torchvision"  # torchvision | dali | ffcv | synthetic
+    workers: int = 0  # 0: one per CPU core
+    synthetic_samples: int = 4096  # images per epoch for the synthetic loader
+    dali: DaliOptions = field(default_factory=DaliOptions)
+    ffcv: FfcvOptions = field(default_factory=FfcvOptions)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # see fastimagenet.models.ARCHS
+    width: int = 64  # channels of the first stage (small-image archs only)
+    zero_init_residual: bool = True  # last BN of each residual block starts at zero
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.5  # per 256 images; scaled by each stage's batch size
+    batch_size: int = 256  # global batch (all ranks together)
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    weight_decay: float = 5e-5  # never applied to norm layers or biases
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0  # max global grad norm; 0: off
+    accum_steps: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class ScheduleConfig:
+    lr: str = "linear_ramp"  # step | cosine | onecycle | linear_ramp
+    warmup: float = 0.0  # fraction of the run with a linear warm-up from 0
+    peak: float = 0.125  # linear_ramp / onecycle: fraction of the run where the LR peaks
+    end_lr_ratio: float = 0.0  # final LR / peak LR
+    milestones: tuple[float, ...] = (0.33, 0.67)  # step: fractions of the run where LR is multiplied by gamma
+    gamma: float = 0.1
+    # Progressive resizing, either explicit stages "epoch,resolution,batch;..." or a ramp:
+    stages: str = ""
+    min_resolution: int = 160
+    max_resolution: int = 192
+    ramp_start: float = 0.5  # fraction of the run where the resolution starts to grow
+    ramp_end: float = 0.85  # fraction of the run where it reaches max_resolution
+    resolution_step: int = 32  # resolutions are multiples of this, which bounds the compiled shapes
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: str = "auto"  # auto (on for CUDA) | true | false
+    compile_backend: str = "inductor"
+    channels_last: bool = True
+    tta_flip: bool = False  # evaluate on image + its mirror
+    out_dir: str = ""  # "": runs/<arch>-<timestamp>
+    seed: int = 0
+    log_interval: int = 50  # steps between console/metric reads (each read syncs the device)
+
+
+@dataclass
+class Config:
+    epochs: int = 16
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+CHOICES = {
+    "loader.name": ("torchvision", "dali", "ffcv", "synthetic"),
+    "loader.dali.device": ("auto", "gpu", "cpu"),
+    "loader.ffcv.order": ("random", "quasi_random"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.lr": ("step", "cosine", "onecycle", "linear_ramp"),
+    "runtime.device": ("auto", "cpu", "cuda"),
+    "runtime.precision": ("auto", "bf16", "fp16", "fp32"),
+    "runtime.compile": ("auto", "true", "false"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- key handling
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def all_keys(obj=None, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. 'optim.lr'."""
+    obj = Config() if obj is None else obj
+    keys = []
+    for name in _fields(obj):
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str, source: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    return UserError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _coerce(value, annotation, key: str, source: str):
+    """Turn a YAML/command-line value into the field's declared type, or explain why not."""
+    origin = typing.get_origin(annotation)
+    bad = UserError(f"{source}: '{key}' expects {_describe(annotation)}, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [yaml.safe_load(part) for part in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        item_types = typing.get_args(annotation)
+        if item_types[-1] is Ellipsis:
+            item_types = (item_types[0],) * len(value)
+        if len(item_types) != len(value):
+            raise bad
+        return tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if annotation is str:
+        if isinstance(value, bool):  # YAML reads `compile: true` as a bool
+            value = str(value).lower()
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)):
+            raise bad
+        value = str(value)
+        choices = CHOICES.get(key)
+        if choices and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1)
+            hint = f" — did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{source}: '{key}' must be one of {', '.join(choices)}, got '{value}'{hint}")
+        return value
+    raise AssertionError(f"unhandled config type {annotation}")
+
+
+def _describe(annotation) -> str:
+    if typing.get_origin(annotation) is tuple:
+        return "a comma-separated list of " + _describe(typing.get_args(annotation)[0])
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[annotation]
+
+
+def _hints(obj) -> dict:
+    return typing.get_type_hints(type(obj))
+
+
+def set_key(cfg: Config, key: str, value, source: str) -> None:
+    """Set one dotted key, checking that it exists and that the value has the right type."""
+    parts = key.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        child = getattr(node, part, None) if part in _fields(node) else None
+        if not dataclasses.is_dataclass(child):
+            raise _unknown_key(key, source)
+        node = child
+    name = parts[-1]
+    if name not in _fields(node) or dataclasses.is_dataclass(getattr(node, name)):
+        raise _unknown_key(key, source)
+    setattr(node, name, _coerce(value, _hints(node)[name], key, source))
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe is a YAML path or the name of a file in configs/ (without .yaml)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"{path}: recipe file not found")
+        return path
+    candidate = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    raise UserError(f"unknown recipe '{name_or_path}'{hint} (recipes: {', '.join(names)})")
+
+
+def load_config(recipe: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    cfg = Config()
+    if recipe:
+        path = recipe_path(recipe)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a recipe must be a mapping of config keys")
+        data.pop("description", None)  # a recipe's one-line purpose, shown by `fastimagenet recipes`
+        for key, value in _flatten(data).items():
+            set_key(cfg, key, value, str(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"override '{item}': expected key=value, e.g. optim.lr=0.5")
+        set_key(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "", "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot describe a run, naming the key."""
+    positive = {
+        "epochs": cfg.epochs,
+        "optim.batch_size": cfg.optim.batch_size,
+        "optim.accum_steps": cfg.optim.accum_steps,
+        "schedule.min_resolution": cfg.schedule.min_resolution,
+        "schedule.max_resolution": cfg.schedule.max_resolution,
+        "schedule.resolution_step": cfg.schedule.resolution_step,
+        "model.width": cfg.model.width,
+        "runtime.log_interval": cfg.runtime.log_interval,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config: '{key}' must be > 0, got {value}")
+    non_negative = {
+        "data.num_classes": cfg.data.num_classes,
+        "data.val_resolution": cfg.data.val_resolution,
+        "data.val_batch_size": cfg.data.val_batch_size,
+        "loader.workers": cfg.loader.workers,
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"config: '{key}' must be >= 0, got {value}")
+    low, high = cfg.data.scale
+    if not 0 < low <= high <= 1:
+        raise UserError(f"config: 'data.scale' must satisfy 0 < min <= max <= 1, got {cfg.data.scale}")
+    if not 0 < cfg.data.ratio[0] <= cfg.data.ratio[1]:
+        raise UserError(f"config: 'data.ratio' must satisfy 0 < min <= max, got {cfg.data.ratio}")
+    if not 0 < cfg.data.crop_ratio <= 1:
+        raise UserError(f"config: 'data.crop_ratio' must be in (0, 1], got {cfg.data.crop_ratio}")
+    if not 0 <= cfg.optim.label_smoothing < 1:
+        raise UserError(f"config: 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if cfg.schedule.min_resolution > cfg.schedule.max_resolution:
+        raise UserError("config: 'schedule.min_resolution' must be <= 'schedule.max_resolution'")
+    if not 0 <= cfg.schedule.ramp_start <= cfg.schedule.ramp_end <= 1:
+        raise UserError("config: need 0 <= 'schedule.ramp_start' <= 'schedule.ramp_end' <= 1")
+    for key in ("warmup", "peak", "end_lr_ratio"):
+        if not 0 <= getattr(cfg.schedule, key) <= 1:
+            raise UserError(f"config: 'schedule.{key}' must be in [0, 1], got {getattr(cfg.schedule, key)}")
+    from fastimagenet.schedules import parse_stages  # parse errors name the key
+
+    parse_stages(cfg.schedule.stages, cfg.epochs)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def to_dict(cfg: Config) -> dict:
+    def plain(value):
+        if isinstance(value, tuple):
+            return list(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=CONFIGS_DIR.parent, capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """The resolved config, plus the commit and seed that make the run reproducible."""
+    header = {"git_commit": git_commit(), "seed": cfg.runtime.seed}
+    path.write_text(yaml.safe_dump({"run": header, **to_dict(cfg)}, sort_keys=False))
+
+
+def from_saved(path: Path) -> Config:
+    """Rebuild the Config a run saved (used by resume and export)."""
+    data = yaml.safe_load(path.read_text())
+    data.pop("run", None)
+    cfg = Config()
+    for key, value in _flatten(data).items():
+        set_key(cfg, key, value, str(path))
+    return cfg

@@ -1,0 +1,78 @@
+"""Model zoo: torchvision's ImageNet ResNets and small-image variants (3x3 stem, no max-pool, any width).
+
+ImageNet archs are torchvision's own classes, so an exported state_dict loads into `torchvision.models.resnet50()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from fastimagenet.errors import UserError
+
+# name -> (block, blocks per stage, small-image stem)
+ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), False),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), False),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), False),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), False),
+    "resnet10_small": (BasicBlock, (1, 1, 1, 1), True),
+    "resnet18_small": (BasicBlock, (2, 2, 2, 2), True),
+}
+
+# ImageNet channel statistics on the 0..255 scale: the loop normalises uint8 batches on the device.
+MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class SmallImageResNet(resnet.ResNet):
+    """torchvision's ResNet with a 3x3 stride-1 stem and no max-pool (for 28-64 px images), at any width."""
+
+    def __init__(self, block, layers, num_classes: int, width: int, zero_init_residual: bool):
+        super().__init__(block, list(layers), num_classes=num_classes, zero_init_residual=zero_init_residual)
+        # Rebuild the stages at the requested width (torchvision hard-codes 64..512).
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        _init_weights(self, zero_init_residual)
+
+
+def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+
+def build_model(arch: str, num_classes: int, width: int = 64, zero_init_residual: bool = True) -> nn.Module:
+    if arch not in ARCHS:
+        raise UserError(f"config: 'model.arch' must be one of {', '.join(ARCHS)}, got '{arch}'")
+    block, layers, small = ARCHS[arch]
+    if small:
+        return SmallImageResNet(block, layers, num_classes, width, zero_init_residual)
+    if width != 64:
+        raise UserError(f"config: 'model.width' applies to the *_small archs only; {arch} has width 64")
+    return resnet.ResNet(block, list(layers), num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW (channels-last) -> float, ImageNet-normalised; fused into the compiled graph."""
+    mean = torch.tensor(MEAN_255, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD_255, device=images.device).view(1, 3, 1, 1)
+    return (images.float() - mean) / std

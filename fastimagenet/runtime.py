@@ -1,0 +1,70 @@
+"""Where and how the model runs: device, mixed precision, torch.compile. Resolved once from the config."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastimagenet.config import Config
+from fastimagenet.errors import UserError
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # bf16 | fp16 | fp32
+    compile: bool
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return _AMP_DTYPES[self.precision]
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def resolve_runtime(cfg: Config) -> Runtime:
+    """Hardware presets: CUDA gets bf16 + compile; CPU gets fp32 (bf16 is emulated, slow) and eager mode."""
+    rt = cfg.runtime
+    if rt.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("config: runtime.device=cuda but no CUDA device is available (use runtime.device=auto)")
+    cuda = rt.device == "cuda" or (rt.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    precision = rt.precision if rt.precision != "auto" else ("bf16" if cuda else "fp32")
+    if precision == "fp16" and not cuda:
+        raise UserError("config: runtime.precision=fp16 needs CUDA (use bf16 or fp32 on CPU)")
+    compile_ = rt.compile == "true" or (rt.compile == "auto" and cuda)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, precision, compile_)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compile_forward(forward, rt: Runtime, backend: str, distinct_shapes: int):
+    """Compile with static shapes: each (resolution, batch) gets its own graph instead of one slower dynamic graph
+    (the default would recompile the second shape as dynamic). The recompile limit must cover every shape the
+    schedule will show, or Dynamo would silently fall back to eager."""
+    if not rt.compile:
+        return forward
+    torch._dynamo.config.recompile_limit = max(8, distinct_shapes)
+    torch._dynamo.config.accumulated_recompile_limit = max(256, distinct_shapes)
+    return torch.compile(forward, dynamic=False, backend=backend)

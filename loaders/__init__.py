@@ -1,0 +1,50 @@
+"""Loader backends behind one protocol. Backends are imported lazily: a missing optional package fails only when
+that backend is chosen, with the command that installs it."""
+
+from __future__ import annotations
+
+import importlib
+
+from fastimagenet.errors import UserError
+from loaders.base import Loader, LoaderSpec
+
+# name -> (module, class, how to install what it needs)
+_BACKENDS = {
+    "torchvision": ("loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow"),
+    "synthetic": ("loaders.synthetic", "SyntheticLoader", "pip install torch"),
+    "dali": ("loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120"),
+    "ffcv": (
+        "loaders.ffcv_loader",
+        "FfcvLoader",
+        "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install ffcv numba",
+    ),
+}
+
+NAMES = tuple(_BACKENDS)
+
+
+def _backend_module(name: str):
+    if name not in _BACKENDS:
+        raise UserError(f"unknown loader '{name}' (choose one of {', '.join(NAMES)})")
+    module_name, _, install = _BACKENDS[name]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] in ("loaders", "fastimagenet", "dataset_tools"):
+            raise  # our own bug, not a missing package
+        raise UserError(f"the '{name}' loader needs '{exc.name}', which is not installed: {install}") from None
+
+
+def build_loader(name: str, spec: LoaderSpec) -> Loader:
+    return getattr(_backend_module(name), _BACKENDS[name][1])(spec)
+
+
+def build_raw_pipeline(name: str, spec: LoaderSpec):
+    """The backend's library used by hand, doing the same work: the baseline our wrapper must keep up with."""
+    module = _backend_module(name)
+    if not hasattr(module, "raw_pipeline"):
+        raise UserError(f"the '{name}' loader has no raw-library baseline (only dali and ffcv do)")
+    return module.raw_pipeline(spec)
+
+
+__all__ = ["Loader", "LoaderSpec", "NAMES", "build_loader", "build_raw_pipeline"]

@@ -1,0 +1,67 @@
+"""The augmentation every backend applies, described once.
+
+Train: random-resized-crop (area fraction `scale`, aspect ratio `ratio`) then horizontal flip.
+Eval: resize the shorter side to resolution / crop_ratio, then take the centre crop of side `resolution`;
+that is the same as resizing a centred square of side `crop_ratio * shorter side`, which is how we compute it.
+Boxes are (left, top, right, bottom) in source-image pixels, so a backend can crop before or during decode.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from fastimagenet.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Augment:
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    crop_ratio: float = 224 / 256
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> "Augment":
+        return cls(scale=data.scale, ratio=data.ratio, flip=data.flip, crop_ratio=data.crop_ratio)
+
+
+Box = tuple[float, float, float, float]
+
+
+def random_resized_crop_box(width: int, height: int, aug: Augment, rng: random.Random) -> Box:
+    """A random crop of the given area fraction and aspect ratio; after 10 misses, the largest centred crop whose
+    aspect ratio is within bounds (the sampling rule torchvision, FFCV and DALI share)."""
+    area = width * height
+    log_lo, log_hi = math.log(aug.ratio[0]), math.log(aug.ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(*aug.scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = math.sqrt(target_area * aspect)
+        h = math.sqrt(target_area / aspect)
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.uniform(0, width - w)
+            top = rng.uniform(0, height - h)
+            return (left, top, left + w, top + h)
+    aspect = width / height
+    if aspect < aug.ratio[0]:
+        w, h = width, width / aug.ratio[0]
+    elif aspect > aug.ratio[1]:
+        w, h = height * aug.ratio[1], height
+    else:
+        w, h = width, height
+    left, top = (width - w) / 2, (height - h) / 2
+    return (left, top, left + w, top + h)
+
+
+def center_crop_box(width: int, height: int, crop_ratio: float) -> Box:
+    side = min(width, height) * crop_ratio
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """Per-sample randomness that depends only on (seed, epoch, index): the same crops whichever worker or rank
+    decodes the sample, so runs are reproducible and resumable."""
+    return random.Random((seed * 1_000_003 + epoch) * 1_000_000_007 + index)

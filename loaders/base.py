@@ -1,0 +1,83 @@
+"""The Loader protocol every backend implements, and the spec a backend is built from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from fastimagenet.config import LoaderConfig
+from fastimagenet.errors import UserError
+from loaders.augment import Augment
+
+
+class Loader(Protocol):
+    """Yields (images, labels) on the training device.
+
+    images: uint8, NCHW shape in channels-last memory (the loop normalises on the device); labels: int64.
+    """
+
+    classes: list[str]  # class names, index = label
+    skipped: dict[str, str]  # unreadable files met so far -> reason (never silently dropped)
+
+    def __len__(self) -> int:  # batches this epoch, at the current batch size
+        ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def set_epoch(self, epoch: int) -> None:  # deterministic shuffle per (seed, epoch), same on every rank
+        ...
+
+    def reconfigure(self, resolution: int, batch_size: int) -> None:  # takes effect from the next epoch
+        ...
+
+
+@dataclass
+class LoaderSpec:
+    path: str  # what the backend reads (a folder or a file); "" for synthetic
+    train: bool  # train: random-resized-crop + flip, shuffled, last partial batch dropped; eval: centre crop, every sample
+    resolution: int
+    batch_size: int  # global batch; each rank gets batch_size // world_size
+    device: torch.device
+    augment: Augment
+    options: LoaderConfig
+    seed: int = 0
+    strict: bool = False
+    classes: list[str] | None = None  # eval loaders take the train split's classes so labels agree
+    num_classes: int = 0  # for loaders with no class names on disk (synthetic)
+    rank: int = 0
+    world_size: int = 1
+
+    def per_rank_batch(self, batch_size: int | None = None) -> int:
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if batch_size % self.world_size:
+            raise UserError(f"batch size {batch_size} is not divisible by the {self.world_size} processes")
+        return batch_size // self.world_size
+
+
+def check_batch_fits(batch_size: int, samples: int, what: str) -> None:
+    """A training loader drops the last partial batch, so a batch larger than the data would train on nothing."""
+    if batch_size > samples:
+        raise UserError(f"{what}: batch size {batch_size} is larger than the {samples} samples per process "
+                        "(lower optim.batch_size or the stage's batch)")
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank r takes every world_size-th index from r: disjoint shards of (nearly) equal size."""
+    return indices[rank::world_size]
+
+
+def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The same permutation on every rank: seeded by (seed, epoch) only."""
+    if not shuffle:
+        return torch.arange(count)
+    generator = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    return torch.randperm(count, generator=generator)
+
+
+def to_device_nchw(images_nhwc: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """NHWC uint8 host batch -> NCHW view in channels-last memory on the device (no copy of the layout)."""
+    non_blocking = images_nhwc.is_pinned()
+    images = images_nhwc.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
+    return images, labels.to(device, non_blocking=non_blocking)

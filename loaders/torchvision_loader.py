@@ -1,0 +1,155 @@
+"""torchvision backend: PIL decode in persistent DataLoader workers.
+
+Speed comes from three things the plain ImageFolder pipeline does not do:
+- the JPEG decoder scales down in the DCT domain (PIL `draft`) whenever the crop allows, so a 400 px photo cropped
+  to 160 px is decoded at 200 px;
+- crop and resize are one PIL call (`resize(box=...)`) on the decoded pixels, and flips happen after the resize;
+- batches stay uint8 NHWC to the device, where the loop normalises them.
+
+The (resolution, batch size) of an epoch travel inside the sampler's requests, so `reconfigure` reaches persistent
+workers without re-spawning them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dataset_tools.scan import scan_image_folder
+from fastimagenet.errors import UserError
+from loaders.augment import Augment, Box, center_crop_box, random_resized_crop_box, sample_rng
+from loaders.base import LoaderSpec, check_batch_fits, epoch_order, shard, to_device_nchw
+
+# How many following samples to try in place of an unreadable one, so an epoch never dies on one bad file.
+_SUBSTITUTE_TRIES = 16
+
+
+def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
+    """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size RGB (HWC uint8)."""
+    with Image.open(path) as img:
+        width, height = img.size
+        box = box_of(width, height)
+        if img.format == "JPEG":
+            # DCT-domain downscaling: PIL picks the largest 1/2, 1/4, 1/8 reduction that keeps the image at least
+            # the requested size, so the crop still has >= `size` pixels on each side.
+            reduction = min(box[2] - box[0], box[3] - box[1]) / size
+            if reduction >= 2:
+                img.draft("RGB", (math.ceil(width / reduction), math.ceil(height / reduction)))
+        sx, sy = img.size[0] / width, img.size[1] / height
+        if img.mode not in ("RGB", "L"):  # CMYK, palette, alpha, 16-bit: resize needs a plain mode
+            img = img.convert("RGB")
+        out = img.resize((size, size), Image.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    if out.mode != "RGB":
+        out = out.convert("RGB")
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+class _FolderDataset(Dataset):
+    """Decodes one request (index, resolution, epoch) into an image; never raises on a bad file."""
+
+    def __init__(self, samples: list[tuple[str, int]], augment: Augment, train: bool, seed: int):
+        self.samples, self.augment, self.train, self.seed = samples, augment, train, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _decode(self, index: int, resolution: int, epoch: int) -> np.ndarray:
+        path = self.samples[index][0]
+        if not self.train:
+            return decode_crop(path, lambda w, h: center_crop_box(w, h, self.augment.crop_ratio), resolution, False)
+        rng = sample_rng(self.seed, epoch, index)
+        box_of = lambda w, h: random_resized_crop_box(w, h, self.augment, rng)  # noqa: E731
+        return decode_crop(path, box_of, resolution, self.augment.flip and rng.random() < 0.5)
+
+    def __getitem__(self, request: tuple[int, int, int]):
+        index, resolution, epoch = request
+        failures = []
+        for offset in range(_SUBSTITUTE_TRIES):
+            candidate = (index + offset) % len(self.samples)
+            try:
+                return self._decode(candidate, resolution, epoch), self.samples[candidate][1], failures
+            except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable file"
+                failures.append((self.samples[candidate][0], f"{type(exc).__name__}: {exc}"))
+        raise UserError(f"{_SUBSTITUTE_TRIES} consecutive unreadable images, e.g. {failures[0][0]}: {failures[0][1]}")
+
+
+def _collate(items):
+    arrays, labels, failures = zip(*items)
+    return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), sum(failures, [])
+
+
+class _EpochBatchSampler:
+    """Runs in the main process: each epoch it yields batches of requests carrying the current resolution."""
+
+    def __init__(self, count: int, spec: LoaderSpec):
+        self.count, self.spec = count, spec
+        self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
+
+    def _indices(self) -> list[int]:
+        order = epoch_order(self.count, self.spec.seed, self.epoch, shuffle=self.spec.train)
+        if self.spec.train:  # equal shard sizes, so every rank runs the same number of steps
+            order = order[: len(order) - len(order) % self.spec.world_size]
+        return shard(order, self.spec.rank, self.spec.world_size).tolist()
+
+    def __iter__(self):
+        indices = self._indices()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield [(i, self.resolution, self.epoch) for i in indices[start : start + self.batch_size]]
+
+    def __len__(self) -> int:
+        per_rank = len(self._indices())
+        return per_rank // self.batch_size if self.spec.train else math.ceil(per_rank / self.batch_size)
+
+
+class TorchvisionLoader:
+    def __init__(self, spec: LoaderSpec):
+        scan = scan_image_folder(spec.path, spec.classes)
+        self.spec, self.classes = spec, scan.classes
+        self.skipped: dict[str, str] = {}
+        self._sampler = _EpochBatchSampler(len(scan.samples), spec)
+        if spec.train:
+            check_batch_fits(self._sampler.batch_size, len(scan.samples) // spec.world_size, spec.path)
+        workers = spec.options.workers or os.cpu_count() or 1
+        self._loader = DataLoader(
+            _FolderDataset(scan.samples, spec.augment, spec.train, spec.seed),
+            batch_sampler=self._sampler,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=spec.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._sampler.epoch = epoch
+
+    def reconfigure(self, resolution: int, batch_size: int) -> None:
+        per_rank = self.spec.per_rank_batch(batch_size)
+        if self.spec.train:
+            check_batch_fits(per_rank, self._sampler.count // self.spec.world_size, self.spec.path)
+        self._sampler.resolution, self._sampler.batch_size = resolution, per_rank
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        new = {}
+        for images, labels, failures in self._loader:
+            for path, reason in failures:
+                if self.spec.strict:
+                    raise UserError(f"{path}: unreadable image ({reason}); set data.strict=false to skip such files")
+                if path not in self.skipped:
+                    new[path] = self.skipped[path] = reason
+            yield to_device_nchw(images, labels, self.spec.device)
+        if new:
+            listing = "\n".join(f"  {path}: {reason}" for path, reason in list(new.items())[:10])
+            print(f"warning: {len(new)} unreadable images replaced by their neighbours "
+                  f"({len(self.skipped)} in all):\n{listing}")

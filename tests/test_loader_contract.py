@@ -1,0 +1,77 @@
+"""The Loader protocol, checked the same way for every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loaders
+from tests.conftest import make_spec
+
+# Backends that read labelled data; `synthetic` has random content and is checked for shape only.
+DATA_BACKENDS = ["torchvision"]
+
+
+def data_path(name, folder, tmp_path):
+    """What a backend reads for an ImageFolder `folder` (a folder, or a file converted from it)."""
+    return folder
+
+
+def labels_of(loader) -> list[int]:
+    return [int(v) for _, labels in loader for v in labels]
+
+
+@pytest.mark.parametrize("name", DATA_BACKENDS + ["synthetic"])
+def test_batches_are_uint8_channels_last_and_reconfigure_changes_shape(name, jpeg_dataset, tmp_path):
+    spec = make_spec(data_path(name, jpeg_dataset / "train", tmp_path), name=name, resolution=32, batch_size=8,
+                     num_classes=4)
+    loader = loaders.build_loader(name, spec)
+    assert len(loader.classes) == 4
+    batches = list(loader)
+    assert len(batches) == len(loader) > 0
+    images, labels = batches[0]
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and labels.shape == (8,)
+    assert 0 <= int(labels.min()) and int(labels.max()) < 4
+
+    loader.reconfigure(48, 16)  # takes effect from the next pass
+    images, labels = next(iter(loader))
+    assert images.shape == (16, 3, 48, 48) and labels.shape == (16,)
+    assert len(loader) == 96 // 16 if name != "synthetic" else len(loader) == 4096 // 16
+
+
+@pytest.mark.parametrize("name", DATA_BACKENDS)
+def test_order_is_deterministic_per_epoch(name, jpeg_dataset, tmp_path):
+    path = data_path(name, jpeg_dataset / "train", tmp_path)
+    first = loaders.build_loader(name, make_spec(path, name=name, seed=3))
+    second = loaders.build_loader(name, make_spec(path, name=name, seed=3))
+    first.set_epoch(1)
+    second.set_epoch(1)
+    epoch1 = labels_of(first)
+    assert epoch1 == labels_of(second)
+    first.set_epoch(2)
+    assert labels_of(first) != epoch1
+    assert sorted(labels_of(first)) == sorted(epoch1)  # every sample once (96 divides by 4)
+
+
+@pytest.mark.parametrize("name", DATA_BACKENDS)
+def test_val_yields_every_sample_once_in_order(name, jpeg_dataset, tmp_path):
+    path = data_path(name, jpeg_dataset / "val", tmp_path)
+    loader = loaders.build_loader(name, make_spec(path, name=name, train=False, batch_size=5))
+    labels = labels_of(loader)
+    assert labels == sorted(labels) and len(labels) == 32  # 32 = 6 full batches + 2
+    assert len(loader) == 7
+
+
+@pytest.mark.parametrize("name", DATA_BACKENDS)
+def test_ranks_get_disjoint_shards_that_cover_the_data(name, one_per_class, tmp_path):
+    path = data_path(name, one_per_class, tmp_path)
+    seen = []
+    for rank in range(2):
+        loader = loaders.build_loader(name, make_spec(path, name=name, batch_size=8, rank=rank, world_size=2))
+        loader.set_epoch(5)
+        seen.append(labels_of(loader))
+    assert len(seen[0]) == len(seen[1]) == 8
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(range(16))
