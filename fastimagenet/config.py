@@ -160,11 +160,13 @@ def _coerce(value, annotation, key: str, source: str):
     origin = typing.get_origin(annotation)
     bad = UserError(f"{source}: '{key}' expects {_describe(annotation)}, got {value!r}")
     if origin is tuple:
+        item_types = typing.get_args(annotation)
         if isinstance(value, str):
             value = [yaml.safe_load(part) for part in value.split(",")]
+        elif isinstance(value, (int, float)) and item_types[-1] is Ellipsis:
+            value = [value]  # a one-element list, written without a comma
         if not isinstance(value, (list, tuple)):
             raise bad
-        item_types = typing.get_args(annotation)
         if item_types[-1] is Ellipsis:
             item_types = (item_types[0],) * len(value)
         if len(item_types) != len(value):
@@ -203,7 +205,7 @@ def _coerce(value, annotation, key: str, source: str):
 
 def _describe(annotation) -> str:
     if typing.get_origin(annotation) is tuple:
-        return "a comma-separated list of " + _describe(typing.get_args(annotation)[0])
+        return "a comma-separated list, each " + _describe(typing.get_args(annotation)[0])
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[annotation]
 
 

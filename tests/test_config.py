@@ -1,0 +1,70 @@
+"""Config: defaults -> recipe -> overrides, typed, with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastimagenet.config import Config, from_saved, load_config, save_config
+from fastimagenet.errors import UserError
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["optim.lr=0.25", "epochs=3", "data.scale=0.2,1", "runtime.compile=false",
+                             "loader.dali.device=cpu", "schedule.stages=0,64,8;2,96,4"])
+    assert cfg.optim.lr == 0.25 and cfg.epochs == 3
+    assert cfg.data.scale == (0.2, 1.0)
+    assert cfg.runtime.compile == "false"
+    assert cfg.loader.dali.device == "cpu"
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("description: x\nepochs: 5\noptim: {lr: 0.1, batch_size: 64}\n")
+    cfg = load_config(str(recipe), ["optim.lr=0.2"])
+    assert (cfg.epochs, cfg.optim.lr, cfg.optim.batch_size) == (5, 0.2, 64)
+
+
+def test_typo_gets_did_you_mean():
+    with pytest.raises(UserError, match="unknown config key 'optim.lrr'.*did you mean 'optim.lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+
+
+def test_typo_in_recipe_names_the_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim: {batch_sise: 64}\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: unknown config key 'optim.batch_sise'.*optim.batch_size"):
+        load_config(str(recipe))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=0", "'epochs' must be > 0"),
+    ("epochs=two", "'epochs' expects an integer"),
+    ("schedule.min_resolution=0", "'schedule.min_resolution' must be > 0"),
+    ("optim.batch_size=-4", "'optim.batch_size' must be > 0"),
+    ("runtime.precision=bf61", "must be one of .*did you mean 'bf16'"),
+    ("data.scale=0.5,0.1", "'data.scale' must satisfy"),
+    ("schedule.stages=0,0,8", "resolution and batch must be > 0"),
+    ("schedule.stages=1,64,8", "must start at epoch 0"),
+    ("schedule.stages=0,64", "is not 'epoch,resolution,batch'"),
+    ("optim", "expected key=value"),
+])
+def test_impossible_values_name_the_key(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_recipe_lists_the_recipes():
+    with pytest.raises(UserError, match="unknown recipe 'demo_fashion'.*did you mean 'demo_fashion_mnist'"):
+        load_config("demo_fashion")
+
+
+def test_saved_config_round_trips_with_commit_and_seed(tmp_path):
+    cfg = load_config(None, ["runtime.seed=7", "data.ratio=0.5,2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "git_commit:" in text and "seed: 7" in text
+    assert from_saved(tmp_path / "config.yaml") == cfg
+
+
+def test_defaults_are_valid():
+    assert load_config() == Config()

@@ -1,0 +1,57 @@
+"""Schedules are pure functions of the epoch / run progress."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastimagenet.config import load_config
+from fastimagenet.schedules import batch_size_at, lr_at, lr_factor, resolution_at, schedule_table, val_resolution
+
+
+def test_ramp_is_rounded_to_the_step_and_spans_the_fractions():
+    cfg = load_config(None, ["epochs=16", "schedule.min_resolution=160", "schedule.max_resolution=192",
+                             "schedule.ramp_start=0.5", "schedule.ramp_end=0.75", "schedule.resolution_step=32"])
+    resolutions = [resolution_at(e, cfg) for e in range(16)]
+    assert resolutions[:9] == [160] * 9 and resolutions[12:] == [192] * 4
+    assert all(r % 32 == 0 for r in resolutions)
+    assert val_resolution(cfg) == 192
+
+
+def test_ramp_scales_with_the_run_length():
+    for epochs in (16, 40, 88):
+        cfg = load_config(None, [f"epochs={epochs}", "schedule.min_resolution=128", "schedule.max_resolution=192",
+                                 "schedule.ramp_start=0.25", "schedule.ramp_end=0.75"])
+        assert resolution_at(0, cfg) == 128 and resolution_at(epochs - 1, cfg) == 192
+
+
+def test_explicit_stages_set_resolution_and_batch():
+    cfg = load_config(None, ["epochs=6", "schedule.stages=0,128,512;2,160,256;5,192,128", "data.val_resolution=224"])
+    assert [resolution_at(e, cfg) for e in range(6)] == [128, 128, 160, 160, 160, 192]
+    assert [batch_size_at(e, cfg) for e in range(6)] == [512, 512, 256, 256, 256, 128]
+    assert val_resolution(cfg) == 224
+    assert "eval at 224 px" in schedule_table(cfg)
+
+
+def test_lr_is_per_256_images():
+    cfg = load_config(None, ["optim.lr=0.5", "schedule.lr=step", "schedule.milestones=0.5"])
+    assert lr_at(0.1, 512, cfg) == pytest.approx(1.0)
+    assert lr_at(0.6, 128, cfg) == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("kind", ["linear_ramp", "onecycle"])
+def test_ramp_shapes_peak_then_fall(kind):
+    s = load_config(None, [f"schedule.lr={kind}", "schedule.peak=0.2", "schedule.end_lr_ratio=0.1"]).schedule
+    assert lr_factor(0.0, s) == 0.0
+    assert lr_factor(0.1, s) == pytest.approx(0.5)
+    assert lr_factor(0.2, s) == pytest.approx(1.0)
+    assert lr_factor(1.0, s) == pytest.approx(0.1)
+    falling = [lr_factor(p / 10, s) for p in range(2, 11)]
+    assert falling == sorted(falling, reverse=True)
+
+
+def test_cosine_with_warmup():
+    s = load_config(None, ["schedule.lr=cosine", "schedule.warmup=0.1"]).schedule
+    assert lr_factor(0.05, s) == pytest.approx(0.5)
+    assert lr_factor(0.1, s) == pytest.approx(1.0)
+    assert lr_factor(0.55, s) == pytest.approx(0.5)
+    assert lr_factor(1.0, s) == pytest.approx(0.0, abs=1e-9)

@@ -1,0 +1,115 @@
+"""torchvision backend: decode correctness, odd files, bad files, persistent workers across reconfigure."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import loaders
+from dataset_tools.scan import scan_image_folder
+from fastimagenet.errors import UserError
+from loaders.augment import center_crop_box
+from loaders.torchvision_loader import decode_crop
+from tests.conftest import make_spec
+
+
+def _gradient(width, height):
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], -1).astype(np.uint8)
+
+
+def test_dct_scaled_decode_matches_full_decode(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(_gradient(640, 480)).save(path, quality=95)
+    box_of = lambda w, h: center_crop_box(w, h, 0.875)  # noqa: E731
+    fast = decode_crop(str(path), box_of, 64, flip=False)  # decodes at 1/4 scale
+    with Image.open(path) as img:
+        reference = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR, box=box_of(640, 480)))
+    assert fast.shape == (64, 64, 3)
+    assert np.abs(fast.astype(int) - reference).mean() < 3
+
+
+@pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("L", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")])
+def test_odd_modes_become_rgb(tmp_path, mode, fmt):
+    path = tmp_path / "odd.JPEG"  # a PNG saved with a .JPEG name is decoded by its content
+    Image.fromarray(_gradient(80, 60)).convert(mode).save(path, format=fmt)
+    out = decode_crop(str(path), lambda w, h: (0, 0, w, h), 32, flip=True)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+@pytest.fixture
+def folder_with_bad_files(jpeg_dataset, tmp_path):
+    root = tmp_path / "train"
+    shutil.copytree(jpeg_dataset / "train", root)
+    good = next((root / "class_00").glob("*.jpg")).read_bytes()
+    (root / "class_00" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "class_01" / "not_really.jpg").write_bytes(b"this is text, not a JPEG")
+    (root / "class_02" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_bad_files_are_skipped_counted_and_reported(folder_with_bad_files, capsys):
+    scan = scan_image_folder(folder_with_bad_files)
+    assert list(scan.skipped) == [str(folder_with_bad_files / "class_02" / "notes.txt")]
+    loader = loaders.build_loader("torchvision", make_spec(folder_with_bad_files, batch_size=98))
+    (images, labels), = list(loader)  # the epoch completes: bad images are replaced, not fatal
+    assert images.shape[0] == 98
+    assert sorted(p.rsplit("/", 1)[1] for p in loader.skipped) == ["not_really.jpg", "truncated.jpg"]
+    assert "2 unreadable images" in capsys.readouterr().out
+
+
+def test_strict_mode_makes_a_bad_file_an_error(folder_with_bad_files):
+    loader = loaders.build_loader("torchvision", make_spec(folder_with_bad_files, batch_size=98, strict=True))
+    with pytest.raises(UserError, match=r"(truncated|not_really)\.jpg: unreadable image"):
+        list(loader)
+
+
+def test_reconfigure_keeps_the_same_worker_processes(jpeg_dataset):
+    loader = loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train", workers=2, batch_size=8))
+    list(loader)
+    workers = [w.pid for w in loader._loader._iterator._workers]
+    loader.reconfigure(48, 24)
+    loader.set_epoch(1)
+    shapes = {tuple(images.shape) for images, _ in loader}
+    assert shapes == {(24, 3, 48, 48)}
+    assert [w.pid for w in loader._loader._iterator._workers] == workers
+
+
+def test_train_crops_are_reproducible(jpeg_dataset):
+    def first_batch():
+        loader = loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train", seed=1, batch_size=8))
+        loader.set_epoch(3)
+        return next(iter(loader))[0]
+
+    assert torch.equal(first_batch(), first_batch())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root / "missing", "data directory does not exist"),
+    (lambda root: root, "no class sub-directories"),
+    (lambda root: (root / "cat").mkdir() or root, "class directory has no images"),
+    (lambda root: (root / "f.jpg").write_bytes(b"x") and root / "f.jpg", "found a file"),
+])
+def test_bad_folders_have_clear_errors(tmp_path, make, message):
+    with pytest.raises(UserError, match=message):
+        loaders.build_loader("torchvision", make_spec(make(tmp_path)))
+
+
+def test_val_classes_must_exist_in_train(jpeg_dataset, tmp_path):
+    shutil.copytree(jpeg_dataset / "val", tmp_path / "val")
+    shutil.copytree(tmp_path / "val" / "class_00", tmp_path / "val" / "zebra")
+    with pytest.raises(UserError, match="classes not present in the train split: zebra"):
+        loaders.build_loader("torchvision", make_spec(tmp_path / "val", train=False,
+                                                      classes=[f"class_{i:02d}" for i in range(4)]))
+
+
+def test_batch_larger_than_the_dataset_is_an_error(jpeg_dataset):
+    with pytest.raises(UserError, match="batch size 128 is larger than the 96 samples"):
+        loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train", batch_size=128))
+    loader = loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train"))
+    with pytest.raises(UserError, match="batch size 200 is larger"):
+        loader.reconfigure(32, 200)

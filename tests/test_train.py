@@ -1,0 +1,91 @@
+"""End to end: `fastimagenet train` on tiny data learns, and writes everything a run promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastimagenet.cli import main
+from fastimagenet.metrics import read_metrics
+
+TINY = ["model.arch=resnet10_small", "model.width=8", "runtime.compile=false", "optim.lr=0.8",
+        "optim.label_smoothing=0", "schedule.lr=onecycle", "schedule.peak=0.2", "loader.workers=1",
+        "data.scale=0.35,1", "data.val_resolution=32"]
+
+
+def train(loader, data, out_dir, *extra):
+    args = ["train", "--loader", loader, f"data.train={data / 'train'}", f"data.val={data / 'val'}",
+            f"runtime.out_dir={out_dir}", *TINY, *extra]
+    assert main(args) == 0
+    return read_metrics(out_dir)
+
+
+def test_tiny_run_learns_with_progressive_resizing(jpeg_dataset, tmp_path):
+    out = tmp_path / "run"
+    metrics = train("torchvision", jpeg_dataset, out, "epochs=5", "schedule.stages=0,24,16;2,32,8")
+    assert [m["resolution"] for m in metrics] == [24, 24, 32, 32, 32]
+    assert [m["batch_size"] for m in metrics] == [16, 16, 8, 8, 8]
+    keys = {"epoch", "resolution", "batch_size", "lr", "train_loss", "val_loss", "val_top1", "val_top5",
+            "images_per_s", "epoch_time_s"}
+    assert keys <= set(metrics[-1])
+    assert metrics[-1]["val_top1"] >= 0.6  # 4 classes: chance is 0.25
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert (out / "config.yaml").read_text().startswith("run:\n  git_commit:")
+    assert any((out / "tensorboard").iterdir())
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / name, weights_only=False)
+        assert {"model", "optimizer", "epoch", "config"} <= set(state)
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_compile_makes_one_graph_per_distinct_shape(jpeg_dataset, tmp_path):
+    """Static shapes: 2 training resolutions + 1 eval shape = 3 graphs, not a dynamic-shape recompile."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train("torchvision", jpeg_dataset, tmp_path / "run", "epochs=3", "schedule.stages=0,24,16;1,32,16;2,24,16",
+          "runtime.compile=true", "runtime.compile_backend=eager")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
+def test_bf16_autocast_on_cpu_trains(jpeg_dataset, tmp_path):
+    metrics = train("synthetic", jpeg_dataset, tmp_path / "run", "epochs=1", "schedule.stages=0,16,8",
+                    "runtime.precision=bf16", "loader.synthetic_samples=32", "data.num_classes=4")
+    assert metrics[0]["train_loss"] == pytest.approx(metrics[0]["train_loss"])  # finite, not NaN
+
+
+def test_grad_accumulation_and_clipping_and_adamw(jpeg_dataset, tmp_path):
+    metrics = train("torchvision", jpeg_dataset, tmp_path / "run", "epochs=2", "schedule.stages=0,24,16",
+                    "optim.accum_steps=2", "optim.grad_clip=1.0", "optim.name=adamw", "optim.lr=0.004")
+    assert len(metrics) == 2 and metrics[-1]["train_loss"] < metrics[0]["train_loss"] + 1
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastimagenet", "train", "optim.lrr=1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: command line: unknown config key 'optim.lrr' — did you mean 'optim.lr'?"
+    result = subprocess.run([sys.executable, "-m", "fastimagenet", "train", f"data.train={tmp_path / 'nope'}",
+                             "runtime.device=cpu", f"runtime.out_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "nope: data directory does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["train"], ["demo"], ["bench", "loader"], ["make-data"]])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "fastimagenet", *command, "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_bench_loader_prints_one_json_line_with_the_baseline(jpeg_dataset, capsys):
+    assert main(["bench", "loader", "--loader", "torchvision", "--data", str(jpeg_dataset / "train"),
+                 "--resolution", "32", "--batch-size", "8", "--workers", "1", "--baseline"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images_per_s"] > 0 and result["torchvision_images_per_s"] > 0
+    assert result["ratio_vs_torchvision"] == pytest.approx(
+        result["images_per_s"] / result["torchvision_images_per_s"], rel=0.01)
