@@ -62,6 +62,7 @@ class ModelConfig:
     arch: str = "resnet50"  # see fastimagenet.models.ARCHS
     width: int = 64  # channels of the first stage (small-image archs only)
     zero_init_residual: bool = True  # last BN of each residual block starts at zero
+    blurpool: bool = False  # blur before every strided conv of the stages (anti-aliased downsampling)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class OptimConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 0.0  # max global grad norm; 0: off
     accum_steps: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.0  # EMA of the weights, updated per optimizer step and evaluated per epoch; 0: off
 
 
 @dataclass
@@ -265,7 +267,9 @@ def load_config(recipe: str | None = None, overrides: typing.Sequence[str] = ())
             raise UserError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: a recipe must be a mapping of config keys")
-        data.pop("description", None)  # a recipe's one-line purpose, shown by `fastimagenet recipes`
+        # A recipe's one-line purpose and its published reference figure, shown by `fastimagenet recipes`.
+        data.pop("description", None)
+        data.pop("reference", None)
         for key, value in _flatten(data).items():
             set_key(cfg, key, value, str(path))
     for item in overrides:
@@ -311,6 +315,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: 'data.ratio' must satisfy 0 < min <= max, got {cfg.data.ratio}")
     if not 0 < cfg.data.crop_ratio <= 1:
         raise UserError(f"config: 'data.crop_ratio' must be in (0, 1], got {cfg.data.crop_ratio}")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise UserError(f"config: 'optim.ema_decay' must be in [0, 1) (0: off), got {cfg.optim.ema_decay}")
     if not 0 <= cfg.optim.label_smoothing < 1:
         raise UserError(f"config: 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
     if cfg.schedule.min_resolution > cfg.schedule.max_resolution:

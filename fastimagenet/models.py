@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from fastimagenet.blurpool import MIN_IN_CHANNELS, apply_blurpool
 from fastimagenet.errors import UserError
 
 # name -> (block, blocks per stage, small-image stem)
@@ -60,15 +61,21 @@ def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
                 nn.init.zeros_(m.bn2.weight)
 
 
-def build_model(arch: str, num_classes: int, width: int = 64, zero_init_residual: bool = True) -> nn.Module:
+def build_model(arch: str, num_classes: int, width: int = 64, zero_init_residual: bool = True,
+                blurpool: bool = False) -> nn.Module:
     if arch not in ARCHS:
         raise UserError(f"config: 'model.arch' must be one of {', '.join(ARCHS)}, got '{arch}'")
     block, layers, small = ARCHS[arch]
     if small:
-        return SmallImageResNet(block, layers, num_classes, width, zero_init_residual)
-    if width != 64:
+        model = SmallImageResNet(block, layers, num_classes, width, zero_init_residual)
+    elif width != 64:
         raise UserError(f"config: 'model.width' applies to the *_small archs only; {arch} has width 64")
-    return resnet.ResNet(block, list(layers), num_classes=num_classes, zero_init_residual=zero_init_residual)
+    else:
+        model = resnet.ResNet(block, list(layers), num_classes=num_classes, zero_init_residual=zero_init_residual)
+    if blurpool and apply_blurpool(model) == 0:
+        raise UserError(f"config: model.blurpool=true but {arch} at width {width} has no strided convolution with "
+                        f">= {MIN_IN_CHANNELS} input channels to blur (use a larger model.width)")
+    return model
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 import loaders
 from fastimagenet.checkpoint import atomic_torch_save, training_state
 from fastimagenet.config import Config, save_config, to_dict
+from fastimagenet.ema import ModelEma
 from fastimagenet.errors import UserError
 from fastimagenet.metrics import RunLogger
 from fastimagenet.models import build_model, normalize
@@ -85,7 +86,7 @@ def distinct_compiled_shapes(cfg: Config) -> int:
 
 
 def train_one_epoch(forward, model, loader, optimizer, scaler, cfg: Config, rt: Runtime, epoch: int,
-                    batch_size: int) -> EpochResult:
+                    batch_size: int, ema: ModelEma | None = None) -> EpochResult:
     model.train()
     steps, accum = len(loader), cfg.optim.accum_steps
     loss_sum = torch.zeros((), device=rt.device)
@@ -107,6 +108,8 @@ def train_one_epoch(forward, model, loader, optimizer, scaler, cfg: Config, rt: 
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
         loss_sum += loss.detach()
         images_seen += labels.shape[0]
         bar.update()
@@ -167,13 +170,18 @@ def fit(cfg: Config) -> dict:
     save_config(cfg, out_dir / "config.yaml")
     train_loader, val_loader = build_loaders(cfg, rt)
     num_classes = cfg.data.num_classes or len(train_loader.classes)
-    model = build_model(cfg.model.arch, num_classes, cfg.model.width, cfg.model.zero_init_residual)
+    model = build_model(cfg.model.arch, num_classes, cfg.model.width, cfg.model.zero_init_residual,
+                        cfg.model.blurpool)
     memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
     model = model.to(rt.device, memory_format=memory_format)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     forward = compile_forward(lambda images: model(normalize(images)), rt, cfg.runtime.compile_backend,
                               distinct_compiled_shapes(cfg))
+    ema = ModelEma(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    if ema is not None:  # the EMA model gets its own eval graph
+        ema_forward = compile_forward(lambda images: ema.module(normalize(images)), rt, cfg.runtime.compile_backend,
+                                      distinct_compiled_shapes(cfg))
 
     print(f"run directory: {out_dir}")
     print(f"device {rt.device}, precision {rt.precision}, compile {rt.compile}, loader {cfg.loader.name}, "
@@ -187,8 +195,12 @@ def fit(cfg: Config) -> dict:
             resolution, batch_size = resolution_at(epoch, cfg), batch_size_at(epoch, cfg)
             train_loader.reconfigure(resolution, batch_size // cfg.optim.accum_steps)
             train_loader.set_epoch(epoch)
-            result = train_one_epoch(forward, model, train_loader, optimizer, scaler, cfg, rt, epoch, batch_size)
+            result = train_one_epoch(forward, model, train_loader, optimizer, scaler, cfg, rt, epoch, batch_size,
+                                     ema)
             val = evaluate(forward, model, val_loader, rt, val_batch, cfg.runtime.tta_flip)
+            if ema is not None:
+                ema_val = evaluate(ema_forward, ema.module, val_loader, rt, val_batch, cfg.runtime.tta_flip)
+                val.update({f"ema_{key}": value for key, value in ema_val.items()})
             record = {
                 "epoch": epoch,
                 "resolution": resolution,
@@ -202,6 +214,8 @@ def fit(cfg: Config) -> dict:
             }
             logger.log_epoch(record)
             state = training_state(model, optimizer, scaler, epoch, max(best_top1, val["val_top1"]), to_dict(cfg))
+            if ema is not None:
+                state["ema"] = ema.state_dict()
             atomic_torch_save(state, out_dir / "last.pt")
             if val["val_top1"] > best_top1:
                 best_top1 = val["val_top1"]
