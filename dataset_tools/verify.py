@@ -1,0 +1,94 @@
+"""Find the images of a scanned ImageFolder that do not decode, before a decoder that cannot skip them meets them.
+
+Some decoders (DALI's) fail the whole pipeline on one truncated or mislabelled file, so such files must leave the
+sample list up front. Each file is decoded once at 1/8 scale (the JPEG decoder still reads every byte, so a truncated
+file is caught at a fraction of the full decode cost), and the verdicts are cached per dataset, keyed by file size
+and modification time: the next run re-checks only new or changed files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from dataset_tools.scan import FolderScan
+
+_CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTIMAGENET_CACHE", Path.home() / ".cache" / "fastimagenet")) / "verified"
+
+
+def image_problem(path: str, formats: frozenset[str]) -> str | None:
+    """Why `path` cannot be decoded by a decoder that reads `formats` (PIL format names), or None if it can."""
+    try:
+        with Image.open(path) as img:
+            if img.format not in formats:
+                return f"{img.format} images are not supported by this loader"
+            img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale; other formats ignore it
+            img.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable file"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _cache_file(root: Path, formats: frozenset[str]) -> Path:
+    key = f"{root.resolve()}|{','.join(sorted(formats))}"
+    return cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json"
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: verify again
+    return data.get("files", {}) if isinstance(data, dict) and data.get("version") == _CACHE_VERSION else {}
+
+
+def _save_cache(path: Path, files: dict) -> None:
+    """Written to a temporary file and renamed, so a crash never leaves a half-written cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            json.dump({"version": _CACHE_VERSION, "files": files}, tmp)
+        os.replace(tmp.name, path)
+    except OSError as exc:  # an unwritable cache only costs the next run a re-check
+        print(f"warning: could not write the image verification cache {path}: {exc}")
+
+
+def verified_samples(scan: FolderScan, formats: frozenset[str]) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """The scan's samples that decode, and {path: reason} for those that do not."""
+    cache_path = _cache_file(scan.root, formats)
+    cached = _load_cache(cache_path)
+    verdicts: dict[str, list] = {}
+    to_check = []
+    for path, _ in scan.samples:
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            verdicts[path] = [-1, -1, f"{type(exc).__name__}: {exc}"]
+            continue
+        entry = cached.get(path)
+        if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
+            verdicts[path] = entry
+        else:
+            to_check.append((path, stat.st_size, stat.st_mtime_ns))
+    if to_check:
+        if len(to_check) > 5000:
+            print(f"verifying {len(to_check)} images under {scan.root} (once; cached in {cache_path.parent})")
+        # PIL releases the GIL while decoding, so threads use every core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            problems = pool.map(lambda item: image_problem(item[0], formats), to_check, chunksize=64)
+            for (path, size, mtime), problem in zip(to_check, problems):
+                verdicts[path] = [size, mtime, problem]
+        _save_cache(cache_path, verdicts)
+    good = [(path, label) for path, label in scan.samples if verdicts[path][2] is None]
+    bad = {path: verdict[2] for path, verdict in verdicts.items() if verdict[2] is not None}
+    return good, bad

@@ -1,0 +1,220 @@
+"""DALI backend: JPEG decode on the GPU (nvJPEG through DALI's `mixed` decoders), or on CPU threads without one.
+
+- Order: our own per-epoch order (epoch_order + shard, as every backend) feeds file bytes to the pipeline through
+  an external source, so labels, order and sharding match the other backends exactly; DALI's file reader would
+  shuffle its own way. The bytes are read in the Python thread while DALI decodes earlier batches.
+- Train: the random-resized-crop is fused into the decode (`decoders.image_random_crop`: only the crop's pixels
+  are decoded), then resized to the epoch's resolution and flipped. Eval: resize + centre crop.
+- `reconfigure` rebuilds the pipeline when the (resolution, batch size) changes, i.e. once per resizing stage
+  (a few times per run); the old pipeline, and on GPU DALI's pooled memory it no longer needs, is released first.
+- Files DALI cannot decode would kill the pipeline, so they leave the sample list up front (dataset_tools/verify.py,
+  cached) and are reported like the other backends' skips.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, types
+from nvidia.dali.backend import ReleaseUnusedMemory, TensorGPU
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
+
+from dataset_tools.scan import scan_image_folder
+from dataset_tools.verify import verified_samples
+from fastimagenet.errors import UserError
+from loaders.augment import Augment
+from loaders.base import LoaderSpec, check_batch_fits, epoch_order, shard, to_device_nchw
+
+# What DALI's image decoders read, as PIL names the formats (GIF, for one, is not among them).
+DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
+
+
+def decode_device(spec: LoaderSpec) -> str:
+    """'mixed' (nvJPEG, output on the GPU) or 'cpu', from loader.dali.device."""
+    choice = spec.options.dali.device
+    if choice == "auto":
+        return "mixed" if spec.device.type == "cuda" else "cpu"
+    if choice == "gpu" and not torch.cuda.is_available():
+        raise UserError("loader.dali.device=gpu needs a CUDA device; use loader.dali.device=cpu on this machine")
+    return "mixed" if choice == "gpu" else "cpu"
+
+
+def augmented(encoded, train: bool, resolution: int, augment: Augment, device: str, hw_decoder_load: float):
+    """The DALI graph of our augmentation (loaders/augment.py) from encoded bytes to HWC uint8 RGB."""
+    decoder = dict(device=device, output_type=types.RGB)
+    if device == "mixed":
+        decoder["hw_decoder_load"] = hw_decoder_load  # share sent to the A100/H100 hardware JPEG decoder
+    if not train:
+        images = fn.decoders.image(encoded, **decoder)
+        images = fn.resize(images, resize_shorter=resolution / augment.crop_ratio)
+        return fn.crop(images, crop=(resolution, resolution))  # centred by default
+    images = fn.decoders.image_random_crop(encoded, random_area=list(augment.scale),
+                                           random_aspect_ratio=list(augment.ratio), num_attempts=10, **decoder)
+    images = fn.resize(images, resize_x=resolution, resize_y=resolution)
+    if augment.flip:
+        images = fn.flip(images, horizontal=fn.random.coin_flip())
+    return images
+
+
+def _threads(spec: LoaderSpec) -> int:
+    return spec.options.dali.threads or spec.options.workers or os.cpu_count() or 1
+
+
+def _new_pipeline(spec: LoaderSpec, batch_size: int, seed: int) -> Pipeline:
+    device = decode_device(spec)
+    device_id = None
+    if device == "mixed":
+        device_id = spec.device.index if spec.device.type == "cuda" and spec.device.index is not None \
+            else torch.cuda.current_device()
+    return Pipeline(batch_size=batch_size, num_threads=_threads(spec), device_id=device_id, seed=seed,
+                    prefetch_queue_depth=spec.options.dali.prefetch)
+
+
+def _to_torch(images, device: torch.device) -> torch.Tensor:
+    """DALI's HWC batch copied into a fresh torch tensor (DALI reuses its output buffers on the next run)."""
+    tensor = images.as_tensor()
+    on_gpu = isinstance(tensor, TensorGPU)
+    pin = not on_gpu and device.type == "cuda"
+    out = torch.empty(tensor.shape(), dtype=torch.uint8, device=device if on_gpu else "cpu", pin_memory=pin)
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device) if on_gpu else None)
+    return out
+
+
+class _Feed:
+    """The external source: batch i of the current epoch as a list of encoded files. It holds no reference to the
+    loader, so dropping a pipeline frees it."""
+
+    def __init__(self, paths: list[str]):
+        self.paths, self.batches = paths, []
+
+    def __call__(self, iteration: int) -> list[np.ndarray]:
+        if iteration >= len(self.batches):
+            raise StopIteration
+        return [np.fromfile(self.paths[i], dtype=np.uint8) for i in self.batches[iteration]]
+
+
+class DaliLoader:
+    def __init__(self, spec: LoaderSpec):
+        scan = scan_image_folder(spec.path, spec.classes)
+        samples, unreadable = verified_samples(scan, DALI_FORMATS)
+        if unreadable and spec.strict:
+            path, reason = next(iter(unreadable.items()))
+            raise UserError(f"{path}: unreadable image ({reason}); set data.strict=false to skip such files")
+        if not samples:
+            raise UserError(f"{spec.path}: none of the {len(scan.samples)} images can be decoded")
+        self.spec, self.classes, self.skipped = spec, scan.classes, dict(unreadable)
+        if unreadable:
+            listing = "\n".join(f"  {path}: {reason}" for path, reason in list(unreadable.items())[:10])
+            print(f"warning: {len(unreadable)} unreadable images left out of {spec.path}:\n{listing}")
+        self._feed = _Feed([path for path, _ in samples])
+        self._labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
+        self._check_fits()
+        self._pipe, self._built_for, self._needs_reset = None, None, False
+
+    def _check_fits(self) -> None:
+        if self.spec.train:
+            check_batch_fits(self.batch_size, len(self._feed.paths) // self.spec.world_size, self.spec.path)
+
+    def _indices(self) -> torch.Tensor:
+        order = epoch_order(len(self._feed.paths), self.spec.seed, self.epoch, shuffle=self.spec.train)
+        if self.spec.train:  # equal shard sizes, so every rank runs the same number of steps
+            order = order[: len(order) - len(order) % self.spec.world_size]
+        return shard(order, self.spec.rank, self.spec.world_size)
+
+    def __len__(self) -> int:
+        per_rank = len(self._indices())
+        return per_rank // self.batch_size if self.spec.train else math.ceil(per_rank / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def reconfigure(self, resolution: int, batch_size: int) -> None:
+        self.resolution, self.batch_size = resolution, self.spec.per_rank_batch(batch_size)
+        self._check_fits()
+
+    def _release_pipeline(self) -> None:
+        if self._pipe is None:
+            return
+        mixed = decode_device(self.spec) == "mixed"
+        self._pipe = self._built_for = None
+        if mixed:  # DALI pools GPU memory; hand what the dropped pipeline held back for the model to use
+            ReleaseUnusedMemory()
+
+    def _pipeline(self) -> Pipeline:
+        """The pipeline for the current (resolution, batch size), built when they change."""
+        if self._built_for != (self.resolution, self.batch_size):
+            self._release_pipeline()
+            spec = self.spec
+            # Crops and flips are seeded per (seed, rank, epoch the stage starts at): reproducible runs, and ranks
+            # that do not repeat each other's random stream.
+            pipe = _new_pipeline(spec, self.batch_size, seed=(spec.seed * 1_000 + spec.rank) * 100_003 + self.epoch)
+            with pipe:
+                encoded = fn.external_source(source=self._feed, dtype=types.UINT8, ndim=1)
+                pipe.set_outputs(augmented(encoded, spec.train, self.resolution, spec.augment, decode_device(spec),
+                                           spec.options.dali.hw_decoder_load))
+            pipe.build()
+            self._pipe, self._built_for, self._needs_reset = pipe, (self.resolution, self.batch_size), False
+        return self._pipe
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._indices()
+        steps = len(self)
+        batches = [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(steps)]
+        pipe = self._pipeline()
+        self._feed.batches = batches  # read by the external source from the first run() of this epoch on
+        if self._needs_reset:
+            pipe.reset()
+        finished = False
+        try:
+            for batch in batches:
+                try:
+                    (images,) = pipe.run()
+                except RuntimeError as exc:  # a file changed on disk since it was verified
+                    self._pipe = self._built_for = None
+                    files = ", ".join(self._feed.paths[i] for i in batch[:4])
+                    raise UserError(f"DALI could not decode an image of the batch [{files}, ...]: "
+                                    f"{str(exc).strip().splitlines()[-1]}") from None
+                yield to_device_nchw(_to_torch(images, self.spec.device), self._labels[batch], self.spec.device)
+            try:  # the source has signalled the end of the epoch; take it so the pipeline can start the next one
+                pipe.run()
+            except StopIteration:
+                finished = True
+        finally:
+            if finished:
+                self._needs_reset = True
+            else:  # abandoned mid-epoch with batches prefetched: start the next epoch from a fresh pipeline
+                self._release_pipeline()
+
+
+class _RawIterator:
+    """DALI used by hand: its file reader shuffling and sharding, its PyTorch iterator copying out."""
+
+    def __init__(self, spec: LoaderSpec):
+        scan = scan_image_folder(spec.path, spec.classes)
+        pipe = _new_pipeline(spec, spec.per_rank_batch(), seed=spec.seed)
+        with pipe:
+            encoded, labels = fn.readers.file(
+                files=[path for path, _ in scan.samples], labels=[label for _, label in scan.samples],
+                random_shuffle=spec.train, shard_id=spec.rank, num_shards=spec.world_size, name="reader")
+            images = augmented(encoded, spec.train, spec.resolution, spec.augment, decode_device(spec),
+                               spec.options.dali.hw_decoder_load)
+            pipe.set_outputs(images, labels)
+        policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
+        self._iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
+                                             last_batch_policy=policy, auto_reset=True)
+        self._device = spec.device
+
+    def __iter__(self):
+        for (batch,) in self._iterator:
+            yield to_device_nchw(batch["images"], batch["labels"].squeeze(-1).long(), self._device)
+
+
+def raw_pipeline(spec: LoaderSpec) -> _RawIterator:
+    """The same work written the way DALI's documentation teaches it: the baseline DaliLoader must keep up with."""
+    return _RawIterator(spec)
