@@ -1,0 +1,69 @@
+"""The built-in demo dataset and the `demo` command."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataset_tools.fashion_mnist import CLASSES, DEBIAN_DIR, prepare_fashion_mnist
+from fastimagenet.errors import UserError
+
+
+def _write_idx(path, array, magic):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape) + array.tobytes())
+
+
+@pytest.fixture
+def tiny_source(tmp_path):
+    """Fashion-MNIST-format files with 20 train and 10 val images."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 20), ("t10k", 10)):
+        _write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (count, 28, 28), np.uint8), 2051)
+        _write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count, dtype=np.uint8) % 10, 2049)
+    return src
+
+
+def test_idx_files_become_an_image_folder(tiny_source, tmp_path):
+    out = prepare_fashion_mnist(tmp_path / "fm", source=tiny_source)
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(CLASSES)
+    assert len(list((out / "train").glob("*/*.jpg"))) == 20 and len(list((out / "val").glob("*/*.jpg"))) == 10
+    with Image.open(out / "train" / CLASSES[3] / "00003.jpg") as img:
+        assert img.size == (28, 28) and img.mode == "L"
+    stamp_time = (out / ".complete").stat().st_mtime
+    prepare_fashion_mnist(tmp_path / "fm", source=tiny_source)  # cached: not rewritten
+    assert (out / ".complete").stat().st_mtime == stamp_time
+
+
+def test_interrupted_preparation_is_redone(tiny_source, tmp_path):
+    (tmp_path / "fm" / "train").mkdir(parents=True)  # a half-written tree without the stamp
+    out = prepare_fashion_mnist(tmp_path / "fm", source=tiny_source)
+    assert len(list((out / "train").glob("*/*.jpg"))) == 20
+
+
+def test_bad_sources_have_clear_errors(tiny_source, tmp_path):
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        prepare_fashion_mnist(tmp_path / "a", source=tmp_path / "missing")
+    (tiny_source / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x09\x99" + bytes(8)))
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte.gz: not an idx file"):
+        prepare_fashion_mnist(tmp_path / "b", source=tiny_source)
+
+
+@pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_demo_command_learns_fashion_mnist_quickly(tmp_path, monkeypatch, capsys):
+    """The real demo data and recipe, shortened to one low-resolution epoch."""
+    from fastimagenet import cli
+
+    monkeypatch.setattr(cli, "DATA_HOME", tmp_path / "data")
+    assert cli.main(["demo", "--out-dir", str(tmp_path / "run"), "epochs=1", "schedule.stages=0,16,512",
+                     "data.val_resolution=16"]) == 0
+    out = capsys.readouterr().out
+    assert "demo: Fashion-MNIST val top-1" in out
+    top1 = float(out.rsplit("val top-1 ", 1)[1].split("%")[0])
+    assert top1 > 60  # 10 classes: chance is 10%

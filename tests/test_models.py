@@ -1,0 +1,57 @@
+"""Models and optimizer parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastimagenet.errors import UserError
+from fastimagenet.models import ARCHS, build_model, normalize
+from fastimagenet.optim import param_groups
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_imagenet_archs_are_torchvision_compatible(arch):
+    import torchvision
+
+    model = build_model(arch, num_classes=10)
+    reference = getattr(torchvision.models, arch)(num_classes=10)
+    reference.load_state_dict(model.state_dict())  # same keys and shapes
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.endswith("_small")])
+def test_small_image_archs_keep_resolution_in_the_stem(arch):
+    model = build_model(arch, num_classes=7, width=8).eval()
+    assert isinstance(model.maxpool, nn.Identity) and model.conv1.stride == (1, 1)
+    assert model.conv1.out_channels == 8
+    assert model(torch.randn(2, 3, 28, 28)).shape == (2, 7)
+
+
+def test_zero_init_residual_zeroes_the_last_bn_of_each_block():
+    model = build_model("resnet18", num_classes=10)
+    assert all(not block.bn2.weight.detach().any() for block in model.layer1)
+
+
+def test_width_is_only_for_small_archs_and_unknown_arch_is_an_error():
+    with pytest.raises(UserError, match="'model.width' applies to the \\*_small archs"):
+        build_model("resnet18", 10, width=32)
+    with pytest.raises(UserError, match="'model.arch' must be one of"):
+        build_model("resnet5O", 10)
+
+
+def test_no_weight_decay_on_norm_layers_and_biases():
+    model = build_model("resnet10_small", num_classes=10, width=8)
+    decay, no_decay = param_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.conv1.weight) in decayed and id(model.fc.weight) in decayed
+    assert id(model.bn1.weight) not in decayed and id(model.fc.bias) not in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_normalize_keeps_channels_last():
+    images = torch.full((2, 32, 32, 3), 124, dtype=torch.uint8).permute(0, 3, 1, 2)
+    out = normalize(images)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert abs(float(out[0, 0, 0, 0])) < 0.01  # 124 ~ the red channel mean
