@@ -24,7 +24,26 @@ def cmd_train(args) -> None:
     from fastimagenet.config import load_config
     from fastimagenet.train import fit
 
+    if args.resume:
+        from fastimagenet.checkpoint import resume_config
+
+        if args.config or args.loader:
+            raise UserError("--resume continues a run with its saved config: drop --config/--loader")
+        fit(*resume_config(Path(args.resume), args.overrides))
+        return
     fit(load_config(args.config, _overrides(args)))
+
+
+def cmd_export(args) -> None:
+    from fastimagenet.export import export
+
+    export(Path(args.run_dir), Path(args.out), args.checkpoint, args.ema)
+
+
+def cmd_plot(args) -> None:
+    from fastimagenet.plots import write_run_plot
+
+    print(write_run_plot(Path(args.run_dir)))
 
 
 def cmd_demo(args) -> None:
@@ -71,7 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loader", choices=LOADER_NAMES, help="Loader backend (same as loader.name=NAME).")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="Config overrides, e.g. data.train=/data/train epochs=16 optim.lr=0.5.")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="Continue the run in RUN_DIR from its last finished epoch, with its saved config "
+                            "(key=value overrides still apply, e.g. runtime.device=cpu).")
     train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="Write a run's weights as a plain state_dict for its torchvision model.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="The run directory (holds best.pt, last.pt).")
+    export.add_argument("out", metavar="OUT.pt", help="Output file (written atomically).")
+    export.add_argument("--checkpoint", choices=("best", "last", "interrupted"), default="best",
+                        help="Which checkpoint: the best epoch by val top-1 (default), the last finished epoch, "
+                             "or the weights saved on Ctrl-C.")
+    export.add_argument("--ema", action="store_true", help="Export the EMA weights (runs with optim.ema_decay>0).")
+    export.set_defaults(func=cmd_export)
+
+    plot = sub.add_parser("plot", help="Draw RUN_DIR/run.png: loss, accuracy, LR, resolution/batch and speed.")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="The run directory (holds metrics.jsonl, config.yaml).")
+    plot.set_defaults(func=cmd_plot)
 
     demo = sub.add_parser("demo", help="Train a small ResNet on the built-in Fashion-MNIST dataset (CPU, minutes).")
     demo.add_argument("--loader", choices=LOADER_NAMES, help="Loader backend for the demo (default torchvision).")

@@ -62,6 +62,7 @@ class ModelConfig:
     arch: str = "resnet50"  # see fastimagenet.models.ARCHS
     width: int = 64  # channels of the first stage (small-image archs only)
     zero_init_residual: bool = True  # last BN of each residual block starts at zero
+    sync_bn: bool = False  # multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
     blurpool: bool = False  # blur before every strided conv of the stages (anti-aliased downsampling)
 
 
@@ -108,6 +109,10 @@ class RuntimeConfig:
     out_dir: str = ""  # "": runs/<arch>-<timestamp>
     seed: int = 0
     log_interval: int = 50  # steps between console/metric reads (each read syncs the device)
+    keep_best: int = 1  # checkpoints of the best epochs (by val top-1) kept as best-epochNNN.pt
+    peak_tflops: float = 0.0  # one device's peak for MFU; 0: the data-sheet figure of a known GPU at bf16/fp16
+    ddp_bucket_mb: int = 25  # DDP gradient bucket size: smaller buckets start all-reduces earlier in backward
+    ddp_static_graph: bool = False  # DDP static_graph: the same parameters get gradients every step
 
 
 @dataclass
@@ -272,13 +277,17 @@ def load_config(recipe: str | None = None, overrides: typing.Sequence[str] = ())
         data.pop("reference", None)
         for key, value in _flatten(data).items():
             set_key(cfg, key, value, str(path))
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> None:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise UserError(f"override '{item}': expected key=value, e.g. optim.lr=0.5")
         set_key(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "", "command line")
-    validate(cfg)
-    return cfg
 
 
 def validate(cfg: Config) -> None:
@@ -292,6 +301,8 @@ def validate(cfg: Config) -> None:
         "schedule.resolution_step": cfg.schedule.resolution_step,
         "model.width": cfg.model.width,
         "runtime.log_interval": cfg.runtime.log_interval,
+        "runtime.keep_best": cfg.runtime.keep_best,
+        "runtime.ddp_bucket_mb": cfg.runtime.ddp_bucket_mb,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -304,6 +315,7 @@ def validate(cfg: Config) -> None:
         "optim.lr": cfg.optim.lr,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip,
+        "runtime.peak_tflops": cfg.runtime.peak_tflops,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -9,10 +9,18 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLogger:
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, start_epoch: int = 0):
+        """`start_epoch` > 0 resumes a run: records of epochs from `start_epoch` on (logged before a crash, after
+        the checkpoint being resumed) are dropped, so every epoch appears once."""
         self.out_dir = out_dir
-        self.jsonl = (out_dir / "metrics.jsonl").open("a")
-        self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        path = out_dir / "metrics.jsonl"
+        if start_epoch > 0 and path.exists():
+            kept = [json.dumps(r) + "\n" for r in read_metrics(out_dir) if r["epoch"] < start_epoch]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
+        self.jsonl = path.open("a")
+        self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start_epoch or None)
 
     def log_epoch(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -26,6 +34,8 @@ class RunLogger:
             f"train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
             f"top1 {record['val_top1']:.2%} top5 {record['val_top5']:.2%} "
             f"{record['images_per_s']:.0f} img/s {record['epoch_time_s']:.1f} s"
+            + (f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
+            + (f" GPU mem {record['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in record else "")
         )
 
     def close(self) -> None:

@@ -35,13 +35,19 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def resolve_runtime(cfg: Config) -> Runtime:
-    """Hardware presets: CUDA gets bf16 + compile; CPU gets fp32 (bf16 is emulated, slow) and eager mode."""
+def resolve_runtime(cfg: Config, local_rank: int = 0) -> Runtime:
+    """Hardware presets: CUDA gets bf16 + compile; CPU gets fp32 (bf16 is emulated, slow) and eager mode.
+    Under torchrun each process takes the GPU of its local rank."""
     rt = cfg.runtime
     if rt.device == "cuda" and not torch.cuda.is_available():
         raise UserError("config: runtime.device=cuda but no CUDA device is available (use runtime.device=auto)")
     cuda = rt.device == "cuda" or (rt.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPUs "
+                        "(--nproc_per_node must not exceed the GPU count)")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     precision = rt.precision if rt.precision != "auto" else ("bf16" if cuda else "fp32")
     if precision == "fp16" and not cuda:
         raise UserError("config: runtime.precision=fp16 needs CUDA (use bf16 or fp32 on CPU)")

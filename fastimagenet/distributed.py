@@ -1,0 +1,97 @@
+"""Data-parallel set-up from torchrun's environment: NCCL on CUDA, gloo on CPU; one process per device.
+
+A plain `fastimagenet train` (no torchrun) is a world of one: nothing here starts a process group then, and every
+helper is a no-op, so the loop has no `if distributed` branches of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastimagenet.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 prints, writes logs, plots and checkpoints."""
+        return self.rank == 0
+
+
+def env_from_torchrun() -> DistEnv:
+    """Rank, world size and local rank as torchrun (or any launcher that sets its variables) exports them."""
+    values = {}
+    for key, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(key, str(default))
+        try:
+            values[key] = int(text)
+        except ValueError:
+            raise UserError(f"environment: {key}={text!r} is not an integer (launch with torchrun)") from None
+    env = DistEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise UserError(f"environment: RANK={env.rank} is not within WORLD_SIZE={env.world_size}")
+    return env
+
+
+def init_process_group(env: DistEnv, device: torch.device) -> None:
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        # device_id binds the NCCL communicator to this rank's GPU at once (no lazy init on the first collective).
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (a sync point: callers mark it)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def average_buffers(module: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks before evaluation. DDP only broadcasts rank 0's buffers at
+    the start of a training forward, so after the last step each rank holds slightly different statistics; the
+    mean is the better estimate and makes every rank evaluate the same model."""
+    if not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world)
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv, device: torch.device, bucket_mb: int, static_graph: bool) -> nn.Module:
+    """DistributedDataParallel around a model already on its device in its final memory format (and before
+    torch.compile, so Dynamo can split the graph at the gradient buckets and overlap the all-reduces)."""
+    if env.world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=bucket_mb,
+        gradient_as_bucket_view=True,  # gradients live in the buckets: one copy less per step
+        static_graph=static_graph,
+    )
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
