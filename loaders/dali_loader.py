@@ -108,6 +108,7 @@ class DaliLoader:
         if not samples:
             raise UserError(f"{spec.path}: none of the {len(scan.samples)} images can be decoded")
         self.spec, self.classes, self.skipped = spec, scan.classes, dict(unreadable)
+        self._decode_device = decode_device(spec)
         if unreadable:
             listing = "\n".join(f"  {path}: {reason}" for path, reason in list(unreadable.items())[:10])
             print(f"warning: {len(unreadable)} unreadable images left out of {spec.path}:\n{listing}")
@@ -141,9 +142,8 @@ class DaliLoader:
     def _release_pipeline(self) -> None:
         if self._pipe is None:
             return
-        mixed = decode_device(self.spec) == "mixed"
         self._pipe = self._built_for = None
-        if mixed:  # DALI pools GPU memory; hand what the dropped pipeline held back for the model to use
+        if self._decode_device == "mixed":  # DALI pools GPU memory: give what the old pipeline held back to torch
             ReleaseUnusedMemory()
 
     def _pipeline(self) -> Pipeline:
@@ -156,7 +156,7 @@ class DaliLoader:
             pipe = _new_pipeline(spec, self.batch_size, seed=(spec.seed * 1_000 + spec.rank) * 100_003 + self.epoch)
             with pipe:
                 encoded = fn.external_source(source=self._feed, dtype=types.UINT8, ndim=1)
-                pipe.set_outputs(augmented(encoded, spec.train, self.resolution, spec.augment, decode_device(spec),
+                pipe.set_outputs(augmented(encoded, spec.train, self.resolution, spec.augment, self._decode_device,
                                            spec.options.dali.hw_decoder_load))
             pipe.build()
             self._pipe, self._built_for, self._needs_reset = pipe, (self.resolution, self.batch_size), False
