@@ -81,6 +81,39 @@ def cmd_make_data(args) -> None:
         print(f"{args.out}/{{train,val}}: {args.classes} classes of ~{args.size} px JPEGs")
 
 
+def cmd_recipes(args) -> None:
+    if not args.name:
+        from fastimagenet.recipes import list_recipes, markdown_table, text_listing
+
+        recipes = list_recipes()
+        print(markdown_table(recipes) if args.markdown else text_listing(recipes))
+        return
+    from fastimagenet.config import load_config
+    from fastimagenet.schedules import schedule_table
+
+    cfg = load_config(args.name, args.overrides)
+    o = cfg.optim
+    print(f"{args.name}: {cfg.model.arch}{' + BlurPool' if cfg.model.blurpool else ''}, {cfg.epochs} epochs, "
+          f"{o.name} lr {o.lr:g} per 256 images ({cfg.schedule.lr}), weight decay {o.weight_decay:g}, "
+          f"label smoothing {o.label_smoothing:g}, EMA {o.ema_decay or 'off'}, flip TTA {cfg.runtime.tta_flip}")
+    print(schedule_table(cfg))
+
+
+def cmd_lr_find(args) -> None:
+    from fastimagenet.config import load_config
+    from fastimagenet.lr_find import check_plot_path, lr_range_test, save_plot
+
+    out = check_plot_path(args.out)
+    cfg = load_config(args.config, _overrides(args))
+    result = lr_range_test(cfg, args.steps, args.min_lr, args.max_lr)
+    save_plot(result, out, f"{args.config or 'defaults'} ({cfg.model.arch}, {cfg.loader.name})")
+    end = "stopped early: the loss diverged" if result.stopped_early else "reached --max-lr"
+    print(f"lr-find: {len(result.lrs)} steps at {result.resolution} px, batch {result.batch_size}; {end}")
+    print(f"plot: {out}")
+    print(f"suggested LR: optim.lr={result.suggested_lr:.3g} (per 256 images; "
+          f"{result.suggested_lr * result.batch_size / 256:.3g} at batch {result.batch_size})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastimagenet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--per-class", type=int, default=50, help="jpegs: train images per class (val gets 1/5).")
     make.add_argument("--size", type=int, default=400, help="jpegs: typical image side in pixels.")
     make.set_defaults(func=cmd_make_data)
+
+    recipes = sub.add_parser("recipes", help="List the recipes in configs/, or show one recipe's resolved plan.")
+    recipes.add_argument("name", nargs="?", help="A recipe to resolve: prints its settings and schedule table.")
+    recipes.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="Overrides applied to NAME before printing, e.g. epochs=40.")
+    recipes.add_argument("--markdown", action="store_true", help="Print the listing as the README's Markdown table.")
+    recipes.set_defaults(func=cmd_recipes)
+
+    lr_find = sub.add_parser("lr-find", help="LR range test on a recipe: plots loss vs LR and suggests optim.lr "
+                                             "(writes only the plot, no run directory or checkpoint).")
+    lr_find.add_argument("--config", help="A recipe: a YAML path or the name of a file in configs/.")
+    lr_find.add_argument("--loader", choices=LOADER_NAMES, help="Loader backend (same as loader.name=NAME).")
+    lr_find.add_argument("--steps", type=int, default=100, help="Optimizer steps in the sweep (at least 10).")
+    lr_find.add_argument("--min-lr", type=float, default=1e-4, help="First LR, per 256 images like optim.lr.")
+    lr_find.add_argument("--max-lr", type=float, default=10.0, help="Last LR, per 256 images like optim.lr.")
+    lr_find.add_argument("--out", default="lr_find.png", help="Where to write the PNG plot of loss vs LR.")
+    lr_find.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="Config overrides, e.g. data.train=/data/train optim.batch_size=256.")
+    lr_find.set_defaults(func=cmd_lr_find)
     return parser
 
 

@@ -1,0 +1,115 @@
+"""Every recipe in configs/ resolves, prints its plan and trains one tiny step on CPU with its own model; the
+`recipes` listing and the README table name them all, with published figures labelled as someone else's."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from dataset_tools.synthetic_jpegs import make_jpeg_folder
+from fastimagenet.cli import main
+from fastimagenet.config import CONFIGS_DIR, load_config
+from fastimagenet.errors import UserError
+from fastimagenet.metrics import read_metrics
+from fastimagenet.recipes import REFERENCE_LABEL, list_recipes, markdown_table, read_recipe
+from fastimagenet.schedules import lr_at, resolution_at, schedule_table, val_resolution
+
+RECIPES = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_promised_recipes_exist():
+    assert {"rn50_18ep", "rn18_16ep", "rn50_90ep_classic", "resnet10_small_32px", "demo_fashion_mnist"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_resolves_and_prints_its_schedule(name):
+    cfg = load_config(name)
+    table = schedule_table(cfg).splitlines()
+    assert len(table) == cfg.epochs + 2  # header, one row per epoch, eval resolution
+    assert table[-1] == f"eval at {val_resolution(cfg)} px"
+    assert read_recipe(CONFIGS_DIR / f"{name}.yaml").description
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    for split in ("train", "val"):
+        make_jpeg_folder(root / split, classes=2, per_class=2, size=72, seed=0)
+    return root
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_trains_one_step_on_cpu(name, tiny_folder, tmp_path):
+    """The recipe's own model and optimizer; only the data, length, resolution and batch shrink to one step."""
+    # 64 px rather than 32: an ImageNet ResNet then still has a 2x2 map at its last stage, as at full size.
+    out = tmp_path / "run"
+    overrides = [f"data.train={tiny_folder / 'train'}", f"data.val={tiny_folder / 'val'}", "epochs=1",
+                 "schedule.stages=0,64,4", "data.val_resolution=64", "data.val_batch_size=4", "loader.workers=1",
+                 "runtime.device=cpu", "runtime.compile=false", f"runtime.out_dir={out}"]
+    assert main(["train", "--config", name, *overrides]) == 0
+    [record] = read_metrics(out)
+    assert math.isfinite(record["train_loss"]) and record["resolution"] == 64
+    cfg = load_config(name)
+    assert ("ema_val_top1" in record) == (cfg.optim.ema_decay > 0)
+    saved = (out / "config.yaml").read_text()
+    assert f"arch: {cfg.model.arch}" in saved and f"blurpool: {str(cfg.model.blurpool).lower()}" in saved
+
+
+def test_rn50_18ep_is_the_speedrun_recipe():
+    cfg = load_config("rn50_18ep")
+    assert (cfg.model.arch, cfg.model.blurpool, cfg.epochs, cfg.runtime.tta_flip) == ("resnet50", True, 18, True)
+    assert cfg.optim.label_smoothing > 0 and cfg.schedule.lr == "linear_ramp"
+    assert (resolution_at(0, cfg), resolution_at(cfg.epochs - 1, cfg), val_resolution(cfg)) == (160, 192, 256)
+    # No device-specific precision or compile: the hardware presets decide.
+    assert (cfg.runtime.precision, cfg.runtime.compile) == ("auto", "auto")
+
+
+@pytest.mark.parametrize("epochs", [16, 18, 40, 88])
+def test_rn50_18ep_serves_other_lengths_by_fractions(epochs):
+    cfg = load_config("rn50_18ep", [f"epochs={epochs}"])
+    resolutions = [resolution_at(e, cfg) for e in range(epochs)]
+    assert resolutions[0] == 160 and resolutions[-1] == 192 and resolutions == sorted(resolutions)
+    assert 0.7 < resolutions.index(192) / epochs < 0.86  # the 192 px stage starts at the same point of the run
+    lrs = [lr_at(e / epochs, 1024, cfg) for e in range(epochs)]
+    assert lrs.index(max(lrs)) / epochs == pytest.approx(0.125, abs=1.5 / epochs)
+
+
+def test_listing_names_every_recipe_and_labels_published_figures(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in RECIPES:
+        assert f"\n{name}\n" in f"\n{out}"
+    referenced = [r for r in list_recipes() if r.reference]
+    assert {r.name for r in referenced} >= {"rn50_18ep", "rn18_16ep", "rn50_90ep_classic"}
+    assert out.count(REFERENCE_LABEL) == len(referenced)
+
+
+def test_readme_carries_the_recipe_table(capsys):
+    assert main(["recipes", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table == markdown_table(list_recipes())
+    assert table in README.read_text(), "README's recipe table is out of date: paste `fastimagenet recipes --markdown`"
+
+
+def test_showing_one_recipe_prints_its_plan_with_overrides(capsys):
+    assert main(["recipes", "rn50_18ep", "epochs=40"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rn50_18ep: resnet50 + BlurPool, 40 epochs, sgd")
+    assert "\n   39   192   1024" in out and out.rstrip().endswith("eval at 256 px")
+
+
+def test_recipe_without_description_or_with_bad_yaml_is_named(tmp_path):
+    (tmp_path / "bare.yaml").write_text("epochs: 3\n")
+    with pytest.raises(UserError, match="bare.yaml: a recipe needs a one-line 'description:'"):
+        list_recipes(tmp_path)
+    (tmp_path / "bare.yaml").write_text("description: [unclosed\n")
+    with pytest.raises(UserError, match="bare.yaml: not valid YAML"):
+        read_recipe(tmp_path / "bare.yaml")
+
+
+def test_unknown_recipe_suggests_the_closest(capsys):
+    assert main(["recipes", "rn50_18"]) == 2
+    assert "unknown recipe 'rn50_18' — did you mean 'rn50_18ep'?" in capsys.readouterr().err
