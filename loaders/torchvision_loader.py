@@ -1,9 +1,8 @@
-"""torchvision backend: PIL decode in persistent DataLoader workers.
+"""torchvision backend: a torch DataLoader with persistent workers over an ImageFolder tree.
 
-Speed comes from three things the plain ImageFolder pipeline does not do:
-- the JPEG decoder scales down in the DCT domain (PIL `draft`) whenever the crop allows, so a 400 px photo cropped
-  to 160 px is decoded at 200 px;
-- crop and resize are one PIL call (`resize(box=...)`) on the decoded pixels, and flips happen after the resize;
+Speed comes from what the plain ImageFolder pipeline does not do:
+- JPEGs are decoded in the DCT domain at 1/2, 1/4 or 1/8 scale whenever the crop allows, straight into the crop at
+  the output size (loaders/image_decode.py), and flips happen after the resize;
 - batches stay uint8 NHWC to the device, where the loop normalises them.
 
 The (resolution, batch size) of an epoch travel inside the sampler's requests, so `reconfigure` reaches persistent
@@ -18,38 +17,16 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dataset_tools.scan import scan_image_folder
 from fastimagenet.errors import UserError
-from loaders.augment import Augment, Box, center_crop_box, random_resized_crop_box, sample_rng
+from loaders.augment import Augment, center_crop_box, random_resized_crop_box, sample_rng
 from loaders.base import LoaderSpec, check_batch_fits, epoch_order, shard, to_device_nchw
+from loaders.image_decode import decode_crop, single_threaded_worker
 
 # How many following samples to try in place of an unreadable one, so an epoch never dies on one bad file.
 _SUBSTITUTE_TRIES = 16
-
-
-def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
-    """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size RGB (HWC uint8)."""
-    with Image.open(path) as img:
-        width, height = img.size
-        box = box_of(width, height)
-        if img.format == "JPEG":
-            # DCT-domain downscaling: PIL picks the largest 1/2, 1/4, 1/8 reduction that keeps the image at least
-            # the requested size, so the crop still has >= `size` pixels on each side.
-            reduction = min(box[2] - box[0], box[3] - box[1]) / size
-            if reduction >= 2:
-                img.draft("RGB", (math.ceil(width / reduction), math.ceil(height / reduction)))
-        sx, sy = img.size[0] / width, img.size[1] / height
-        if img.mode not in ("RGB", "L"):  # CMYK, palette, alpha, 16-bit: resize needs a plain mode
-            img = img.convert("RGB")
-        out = img.resize((size, size), Image.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
-    if out.mode != "RGB":
-        out = out.convert("RGB")
-    if flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
 
 
 class _FolderDataset(Dataset):
@@ -123,6 +100,7 @@ class TorchvisionLoader:
             batch_sampler=self._sampler,
             num_workers=workers,
             collate_fn=_collate,
+            worker_init_fn=single_threaded_worker,
             pin_memory=spec.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,

@@ -13,7 +13,7 @@ import loaders
 from dataset_tools.scan import scan_image_folder
 from fastimagenet.errors import UserError
 from loaders.augment import center_crop_box
-from loaders.torchvision_loader import decode_crop
+from loaders.image_decode import decode_crop
 from tests.conftest import make_spec
 
 
@@ -27,18 +27,23 @@ def test_dct_scaled_decode_matches_full_decode(tmp_path):
     Image.fromarray(_gradient(640, 480)).save(path, quality=95)
     box_of = lambda w, h: center_crop_box(w, h, 0.875)  # noqa: E731
     fast = decode_crop(str(path), box_of, 64, flip=False)  # decodes at 1/4 scale
+    flipped = decode_crop(str(path), box_of, 64, flip=True)
     with Image.open(path) as img:
         reference = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR, box=box_of(640, 480)))
-    assert fast.shape == (64, 64, 3)
+    assert fast.shape == (64, 64, 3) and fast.dtype == np.uint8
     assert np.abs(fast.astype(int) - reference).mean() < 3
+    assert np.array_equal(flipped, fast[:, ::-1])
 
 
 @pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("L", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")])
 def test_odd_modes_become_rgb(tmp_path, mode, fmt):
     path = tmp_path / "odd.JPEG"  # a PNG saved with a .JPEG name is decoded by its content
-    Image.fromarray(_gradient(80, 60)).convert(mode).save(path, format=fmt)
-    out = decode_crop(str(path), lambda w, h: (0, 0, w, h), 32, flip=True)
-    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    source = _gradient(80, 60)
+    Image.fromarray(source).convert(mode).save(path, format=fmt, quality=95)
+    out = decode_crop(str(path), lambda w, h: (0, 0, w, h), 40, flip=False)
+    assert out.shape == (40, 40, 3) and out.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(source).convert(mode).convert("RGB").resize((40, 40)))
+    assert np.abs(out.astype(int) - expected).mean() < 8  # same picture, in RGB order
 
 
 @pytest.fixture

@@ -1,0 +1,69 @@
+"""Decode one image straight to its crop at the output size (HWC uint8 RGB), as cheaply as the crop allows.
+
+JPEGs (nearly all of ImageNet) go through OpenCV's libjpeg-turbo with DCT-domain downscaling: when the crop is at
+least 2x, 4x or 8x the output size, the decoder itself produces a 1/2, 1/4 or 1/8 image, which is several times
+cheaper than decoding at full size. The resize is area-averaging when shrinking (antialiased, like PIL's) and
+bilinear when enlarging. Everything else (PNG, a PNG named .JPEG, BMP, WebP, ...) goes through PIL.
+EXIF orientation is ignored, as torchvision's ImageFolder and FFCV do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from loaders.augment import Box
+
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+class UnreadableImage(Exception):
+    pass
+
+
+def single_threaded_worker(_worker_id: int) -> None:
+    """DataLoader worker init: each worker is one process on one core; OpenCV's own thread pool would oversubscribe."""
+    cv2.setNumThreads(1)
+
+
+def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
+    """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size."""
+    with Image.open(path) as img:  # reads the header only
+        width, height = img.size
+        box = box_of(width, height)
+        if img.format != "JPEG":
+            return _pil_crop(img, box, size, flip)
+    return _jpeg_crop(path, width, height, box, size, flip)
+
+
+def _jpeg_crop(path: str, width: int, height: int, box: Box, size: int, flip: bool) -> np.ndarray:
+    data = np.fromfile(path, dtype=np.uint8)
+    # libjpeg fills a truncated file with grey and only warns; a whole JPEG ends with the EOI marker.
+    if data[-1024:].tobytes().rfind(b"\xff\xd9") < 0:
+        raise UnreadableImage("truncated JPEG (no end-of-image marker)")
+    reduction = min(box[2] - box[0], box[3] - box[1]) / size
+    scale = max(s for s in _REDUCED if s <= max(1.0, reduction))
+    bgr = cv2.imdecode(data, _REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise UnreadableImage("not a decodable JPEG")
+    sx, sy = bgr.shape[1] / width, bgr.shape[0] / height
+    left, top = int(box[0] * sx), int(box[1] * sy)
+    right, bottom = max(left + 1, math.ceil(box[2] * sx)), max(top + 1, math.ceil(box[3] * sy))
+    crop = bgr[top:bottom, left:right]
+    shrinking = crop.shape[0] > size or crop.shape[1] > size
+    out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return out[:, ::-1, ::-1] if flip else out[:, :, ::-1]  # BGR -> RGB (a view; the batch copy makes it dense)
+
+
+def _pil_crop(img: Image.Image, box: Box, size: int, flip: bool) -> np.ndarray:
+    if img.mode not in ("RGB", "L"):  # palette, alpha, 16-bit: resize needs a plain mode
+        img = img.convert("RGB")
+    out = img.resize((size, size), Image.BILINEAR, box=box)
+    if out.mode != "RGB":
+        out = out.convert("RGB")
+    array = np.asarray(out)
+    return array[:, ::-1] if flip else array
