@@ -1,0 +1,123 @@
+"""`fastimagenet inspect FILE.beton`: what a .beton holds, and (with verify) whether every record decodes.
+
+Works on any FFCV file with an RGB image field; the class names come from the sidecar `convert` writes, when present.
+Verification decodes each stored JPEG with OpenCV (the same libjpeg family FFCV uses) and checks raw records' sizes,
+straight from the file, without building a loader.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dataset_tools.convert import read_sidecar, sidecar_path
+from fastimagenet.errors import UserError
+
+_MODES = {0: "jpg", 1: "raw"}  # FFCV's per-record storage of an RGB image
+
+
+class Beton:
+    """A .beton opened for reading records straight from the file (no loader, no JIT compile)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from ffcv.reader import Reader
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: no such file")
+        try:
+            self.reader = Reader(str(self.path))
+        except (AssertionError, ValueError, OSError, IndexError) as exc:
+            raise UserError(f"{self.path}: not a readable .beton file ({type(exc).__name__}: {exc})") from None
+        self.images = self._field("RGBImageField")  # per record: mode, width, height, data_ptr
+        self.labels = self._field("IntField")
+        self.sizes = dict(zip(self.reader.alloc_table["ptr"].tolist(), self.reader.alloc_table["size"].tolist()))
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def _field(self, type_name: str) -> np.ndarray:
+        for index, handler in enumerate(self.reader.handlers.values()):
+            if type(handler).__name__ == type_name:
+                return self.reader.metadata[f"f{index}"]
+        raise UserError(f"{self.path}: has no {type_name} (fields: {', '.join(self.reader.handlers)})")
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Record `index` as RGB pixels (HWC uint8); ValueError says why it does not decode."""
+        record = self.images[index]
+        ptr, height, width = int(record["data_ptr"]), int(record["height"]), int(record["width"])
+        size = self.sizes.get(ptr)
+        if size is None or ptr + size > len(self._data):
+            raise ValueError("data pointer outside the file")
+        data = np.asarray(self._data[ptr : ptr + size])
+        if record["mode"] == 1:
+            if size != height * width * 3:
+                raise ValueError(f"raw record of {size} bytes for a {width}x{height} RGB image")
+            return data.reshape(height, width, 3)
+        if record["mode"] != 0:
+            raise ValueError(f"unknown storage mode {record['mode']}")
+        pixels = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        if pixels is None or pixels.shape != (height, width, 3):
+            raise ValueError(f"JPEG does not decode to {width}x{height} RGB")
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+    def problems(self, limit: int) -> dict[int, str]:
+        """{record index: why it does not decode}, stopping after `limit` problems."""
+        found = {}
+        for index in range(len(self.images)):
+            try:
+                self.pixels(index)
+            except ValueError as exc:
+                found[index] = str(exc)
+                if len(found) >= limit:
+                    break
+        return found
+
+
+def _stats(values: np.ndarray) -> dict:
+    if not len(values):
+        return {}
+    return {"min": int(values.min()), "mean": round(float(values.mean()), 1), "max": int(values.max())}
+
+
+def inspect_beton(path: str | os.PathLike, verify: bool = False, max_problems: int = 20) -> dict:
+    beton = Beton(path)
+    images, labels = beton.images, beton.labels
+    meta = read_sidecar(beton.path) if sidecar_path(beton.path).exists() else None
+    record_bytes = np.array([beton.sizes.get(int(ptr), 0) for ptr in images["data_ptr"]], dtype=np.int64)
+    modes = {_MODES.get(int(m), str(m)): int(n) for m, n in zip(*np.unique(images["mode"], return_counts=True))}
+    info = {
+        "file": str(beton.path),
+        "bytes": beton.path.stat().st_size,
+        "images": int(beton.reader.num_samples),
+        "fields": {name: type(handler).__name__ for name, handler in beton.reader.handlers.items()},
+        "write_modes": modes,
+        "width": _stats(images["width"]),
+        "height": _stats(images["height"]),
+        "record_bytes": _stats(record_bytes),
+        "labels": len(np.unique(labels)),
+    }
+    if meta is not None:
+        info["classes"] = len(meta["classes"])
+        info["class_names"] = meta["classes"][:5] + (["..."] if len(meta["classes"]) > 5 else [])
+        info["settings"] = {key: meta.get(key) for key in ("write_mode", "max_resolution", "jpeg_quality",
+                                                           "source", "subset")}
+        info["skipped_at_convert"] = len(meta.get("skipped", {}))
+        out_of_range = int(((labels < 0) | (labels >= len(meta["classes"]))).sum())
+        if out_of_range:
+            info["labels_out_of_range"] = out_of_range
+    if verify:
+        problems = beton.problems(max_problems)
+        info["verified"] = not problems and "labels_out_of_range" not in info
+        info["problems"] = {f"record {index}": reason for index, reason in problems.items()}
+    return info
+
+
+def format_inspection(info: dict) -> str:
+    lines = [f"{info['file']}: {info['images']} images, {info['bytes'] / 2**20:.1f} MiB"]
+    for key in ("fields", "write_modes", "width", "height", "record_bytes", "labels", "classes", "class_names",
+                "settings", "skipped_at_convert", "labels_out_of_range", "verified", "problems"):
+        if key in info:
+            lines.append(f"  {key}: {info[key]}")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""FFCV backend: reads a .beton written by `fastimagenet convert`; JIT-compiled decode threads, no worker processes.
+
+- Train: FFCV's random-resized-crop decoder (our scale/ratio) straight to the epoch's resolution, then a flip; eval:
+  its centre-crop decoder with our crop ratio. uint8 all the way; channels-last NCHW on the device.
+- The FFCV Loader (and its JIT compile, seconds) is built once. `reconfigure` assigns the decoder's `output_size`
+  and the Loader's `batch_size`, which FFCV reads when it allocates the next epoch's buffers: no rebuild per stage.
+- Order: our own per-epoch order (epoch_order + shard, as every backend) through FFCV's traversal-order interface,
+  or FFCV's quasi-random order (reads pages in clusters; for datasets larger than RAM) sharded the same way. Ranks
+  take disjoint shards from rank/world_size alone; FFCV's own `distributed=True` would need an initialised process
+  group (it wraps torch's DistributedSampler), which the training script has under torchrun anyway, but sharding
+  here keeps the order identical to the other backends and also works with quasi-random order, which FFCV's
+  distributed mode does not support.
+- As in FFCV, a batch lives in a buffer that is reused a few batches later: consume it before asking for more
+  (the training loop does).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader as _FfcvLoader
+from ffcv.loader import OrderOption
+from ffcv.traversal_order import QuasiRandom
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from dataset_tools.convert import read_sidecar
+from fastimagenet.errors import UserError
+from loaders.base import LoaderSpec, check_batch_fits, epoch_order, shard
+
+
+def beton_path(spec: LoaderSpec) -> Path:
+    path = Path(spec.path)
+    if not spec.path:
+        raise UserError("no .beton file given (set data.train / data.val)")
+    if path.is_dir():
+        raise UserError(f"{path}: the ffcv loader reads a .beton file, not a folder; write one with "
+                        f"`fastimagenet convert {path} {path.with_suffix('.beton')}`")
+    if not path.exists():
+        raise UserError(f"{path}: file does not exist (write it with `fastimagenet convert`)")
+    return path
+
+
+def _decoder(spec: LoaderSpec):
+    size = (spec.resolution, spec.resolution)
+    if spec.train:
+        return RandomResizedCropRGBImageDecoder(size, scale=tuple(spec.augment.scale), ratio=tuple(spec.augment.ratio))
+    return CenterCropRGBImageDecoder(size, ratio=spec.augment.crop_ratio)
+
+
+def _pipelines(spec: LoaderSpec, decoder) -> dict:
+    """decode (+ flip) -> tensor (-> device) -> NCHW channels-last view; labels as int64 vectors."""
+    image = [decoder] + ([RandomHorizontalFlip()] if spec.train and spec.augment.flip else []) + [ToTensor()]
+    label = [IntDecoder(), ToTensor(), Squeeze(1)]
+    if spec.device.type != "cpu":
+        image.append(ToDevice(spec.device, non_blocking=True))
+        label.append(ToDevice(spec.device, non_blocking=True))
+    return {"image": image + [ToTorchImage(channels_last=True, convert_back_int16=False)], "label": label}
+
+
+def _ffcv_loader(spec: LoaderSpec, path: Path, decoder, order: OrderOption, os_cache: bool) -> _FfcvLoader:
+    try:
+        return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=spec.options.workers or
+                           os.cpu_count() or 1, os_cache=os_cache, order=order, seed=spec.seed,
+                           drop_last=spec.train, pipelines=_pipelines(spec, decoder))
+    except (AssertionError, ValueError, OSError, IndexError) as exc:
+        raise UserError(f"{path}: not a readable .beton file ({type(exc).__name__}: {exc}); re-run "
+                        "`fastimagenet convert --force`") from None
+
+
+class _EpochOrder(TraversalOrder):
+    """The samples of an epoch for this rank: the same on every rank and every run for a given (seed, epoch)."""
+
+    def __init__(self, loader: _FfcvLoader, spec: LoaderSpec):
+        super().__init__(loader)
+        self.spec = spec
+        self.quasi = None
+        if spec.train and spec.options.ffcv.order == "quasi_random":
+            try:
+                self.quasi = QuasiRandom(loader)
+            except ValueError as exc:
+                raise UserError(f"{spec.path}: quasi-random order is not possible ({exc}); "
+                                "use loader.ffcv.order=random") from None
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        if self.quasi is not None:
+            order = torch.from_numpy(self.quasi.sample_order(epoch).astype(np.int64))
+        else:
+            order = epoch_order(len(self.indices), self.spec.seed, epoch, shuffle=self.spec.train)
+        if self.spec.train:  # equal shard sizes, so every rank runs the same number of steps
+            order = order[: len(order) - len(order) % self.spec.world_size]
+        return shard(order, self.spec.rank, self.spec.world_size).numpy().astype(np.uint64)
+
+
+class FfcvLoader:
+    def __init__(self, spec: LoaderSpec):
+        path = beton_path(spec)
+        meta = read_sidecar(path)
+        if spec.classes is not None and spec.classes != meta["classes"]:
+            raise UserError(f"{path}: its classes differ from the train split's; convert both from one dataset "
+                            "root, or pass --classes-from TRAIN.beton to `fastimagenet convert`")
+        self.spec, self.classes = spec, list(meta["classes"])
+        self.skipped: dict[str, str] = {}  # files that did not decode were left out (and reported) by convert
+        self._decoder = _decoder(spec)
+        self._loader = _ffcv_loader(spec, path, self._decoder, OrderOption.SEQUENTIAL, spec.options.ffcv.os_cache)
+        if self._loader.reader.num_samples != meta["images"]:
+            raise UserError(f"{path}: holds {self._loader.reader.num_samples} images but its sidecar says "
+                            f"{meta['images']}; re-run `fastimagenet convert --force`")
+        # FFCV's constructor takes only an order *instance* built from the loader, so the order is set after it
+        self._loader.traversal_order = _EpochOrder(self._loader, spec)
+        self._loader.first_traversal_order = self._loader.traversal_order.sample_order(0)
+        self._check_fits(self._loader.batch_size)
+
+    def _check_fits(self, per_rank_batch: int) -> None:
+        if self.spec.train:
+            check_batch_fits(per_rank_batch, len(self._loader.first_traversal_order), self.spec.path)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader.next_epoch = epoch
+
+    def reconfigure(self, resolution: int, batch_size: int) -> None:
+        per_rank = self.spec.per_rank_batch(batch_size)
+        self._check_fits(per_rank)
+        self._decoder.output_size = (resolution, resolution)
+        self._loader.batch_size = per_rank
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self._loader)
+
+
+def raw_pipeline(spec: LoaderSpec) -> _FfcvLoader:
+    """FFCV used by hand with the same decode pipeline and FFCV's own random order: the baseline FfcvLoader must
+    keep up with."""
+    path = beton_path(spec)
+    order = OrderOption.QUASI_RANDOM if spec.options.ffcv.order == "quasi_random" else OrderOption.RANDOM
+    return _ffcv_loader(spec, path, _decoder(spec), order if spec.train else OrderOption.SEQUENTIAL,
+                        spec.options.ffcv.os_cache)
