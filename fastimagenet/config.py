@@ -36,8 +36,8 @@ class DataConfig:
 
 @dataclass
 class DaliOptions:
-    device: str = "auto"  # gpu (mixed decode) | cpu | auto (gpu when CUDA is available)
-    threads: int = 0  # 0: one per CPU core
+    device: str = "auto"  # gpu (mixed decode) | cpu | auto (gpu when training on CUDA)
+    threads: int = 0  # 0: loader.workers, or one per CPU core when that is 0 too
     hw_decoder_load: float = 0.65  # share of JPEG decode sent to the A100/H100 hardware decoder
     prefetch: int = 2  # batches prepared ahead
 

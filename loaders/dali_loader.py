@@ -35,8 +35,14 @@ DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000
 
 
 def decode_device(spec: LoaderSpec) -> str:
-    """'mixed' (nvJPEG, output on the GPU) or 'cpu', from loader.dali.device."""
-    choice = spec.options.dali.device
+    """'mixed' (nvJPEG, output on the GPU) or 'cpu', from loader.dali.device; rejects option values DALI would
+    only fail on later, deep inside the pipeline."""
+    options = spec.options.dali
+    if options.prefetch < 1 or options.threads < 0 or not 0 <= options.hw_decoder_load <= 1:
+        raise UserError(f"config: need loader.dali.prefetch >= 1, loader.dali.threads >= 0 and "
+                        f"0 <= loader.dali.hw_decoder_load <= 1, got {options.prefetch}, {options.threads}, "
+                        f"{options.hw_decoder_load}")
+    choice = options.device
     if choice == "auto":
         return "mixed" if spec.device.type == "cuda" else "cpu"
     if choice == "gpu" and not torch.cuda.is_available():

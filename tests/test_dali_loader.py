@@ -153,6 +153,14 @@ def test_gpu_decode_without_cuda_is_a_clear_error(jpeg_dataset):
         loaders.build_loader("dali", dali_spec(jpeg_dataset / "train", device="gpu"))
 
 
+@pytest.mark.parametrize("option, value", [("prefetch", 0), ("threads", -1), ("hw_decoder_load", 1.5)])
+def test_bad_dali_options_name_the_key(jpeg_dataset, option, value):
+    spec = dali_spec(jpeg_dataset / "train")
+    setattr(spec.options.dali, option, value)
+    with pytest.raises(UserError, match=f"loader.dali.{option}"):
+        loaders.build_loader("dali", spec)
+
+
 def test_raw_baseline_yields_the_same_shapes(jpeg_dataset):
     batches = list(loaders.build_raw_pipeline("dali", dali_spec(jpeg_dataset / "train", batch_size=8)))
     assert len(batches) == 12
