@@ -86,9 +86,13 @@ class _EpochOrder(TraversalOrder):
             except ValueError as exc:
                 raise UserError(f"{spec.path}: quasi-random order is not possible ({exc}); "
                                 "use loader.ffcv.order=random") from None
+            self.pages = self.quasi.page_to_samples_array.copy()
 
     def sample_order(self, epoch: int) -> np.ndarray:
         if self.quasi is not None:
+            # FFCV shuffles its page table in place, so each order would depend on the ones drawn before it:
+            # restore the table first to make the order a function of (seed, epoch) alone
+            np.copyto(self.quasi.page_to_samples_array, self.pages)
             order = torch.from_numpy(self.quasi.sample_order(epoch).astype(np.int64))
         else:
             order = epoch_order(len(self.indices), self.spec.seed, epoch, shuffle=self.spec.train)
