@@ -81,6 +81,27 @@ def cmd_make_data(args) -> None:
         print(f"{args.out}/{{train,val}}: {args.classes} classes of ~{args.size} px JPEGs")
 
 
+def cmd_convert(args) -> None:
+    from dataset_tools.convert import ConvertOptions, convert, read_sidecar
+
+    options = ConvertOptions(write_mode=args.write_mode, max_resolution=args.max_resolution,
+                             jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
+                             smart_threshold=args.smart_threshold, workers=args.workers, subset=args.subset,
+                             strict=args.strict, force=args.force)
+    classes = read_sidecar(args.classes_from)["classes"] if args.classes_from else None
+    for report in convert(args.src, args.dst, options, classes):
+        print(report.summary())
+
+
+def cmd_inspect(args) -> None:
+    from dataset_tools.inspect_beton import format_inspection, inspect_beton
+
+    info = inspect_beton(args.file, verify=args.verify)
+    print(format_inspection(info))
+    if args.verify and not info["verified"]:
+        raise UserError(f"{args.file}: some records do not decode (listed above); re-run `fastimagenet convert`")
+
+
 def cmd_recipes(args) -> None:
     if not args.name:
         from fastimagenet.recipes import list_recipes, markdown_table, text_listing
@@ -169,6 +190,41 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--per-class", type=int, default=50, help="jpegs: train images per class (val gets 1/5).")
     make.add_argument("--size", type=int, default=400, help="jpegs: typical image side in pixels.")
     make.set_defaults(func=cmd_make_data)
+
+    from dataset_tools.convert import WRITE_MODES, ConvertOptions  # numpy + PIL only: a light import
+
+    conv = sub.add_parser("convert", help="Write ImageFolder images to FFCV .beton files (for --loader ffcv).")
+    conv.add_argument("src", metavar="SRC", help="An ImageFolder split (SRC/<class>/<image>), or a dataset root "
+                                                 "holding train/ and val/.")
+    conv.add_argument("dst", metavar="DST", help="The .beton file for a split; for a dataset root, a directory that "
+                                                 "gets train.beton and val.beton (each with a .json class sidecar).")
+    conv.add_argument("--write-mode", choices=WRITE_MODES, default=ConvertOptions.write_mode,
+                      help="How images are stored: jpg (compact, decoded while loading), raw (pixels: fastest to "
+                           "load, ~10x larger), proportion (JPEG for a random --compress-probability share), smart "
+                           "(JPEG only for images whose pixels exceed --smart-threshold bytes).")
+    conv.add_argument("--max-resolution", type=int, default=ConvertOptions.max_resolution,
+                      help="Longer side in pixels; larger images are scaled down, smaller ones kept as they are.")
+    conv.add_argument("--jpeg-quality", type=int, default=ConvertOptions.jpeg_quality,
+                      help="JPEG quality (1-100) of stored images.")
+    conv.add_argument("--compress-probability", type=float,
+                      default=ConvertOptions.compress_probability,
+                      help="proportion mode: the share of images stored as JPEG (the rest raw).")
+    conv.add_argument("--smart-threshold", type=int, default=ConvertOptions.smart_threshold,
+                      help="smart mode: store an image as JPEG when its raw pixels exceed this many bytes.")
+    conv.add_argument("--workers", type=int, default=0, help="Writer processes (0: one per CPU core).")
+    conv.add_argument("--subset", type=int, default=0, help="Only the first N images of each class, for trials.")
+    conv.add_argument("--classes-from", metavar="TRAIN.beton",
+                      help="Label a split with the classes of an already converted train split (its sidecar).")
+    conv.add_argument("--strict", action="store_true",
+                      help="Stop with an error on an unreadable image instead of skipping and reporting it.")
+    conv.add_argument("--force", action="store_true", help="Overwrite existing output files.")
+    conv.set_defaults(func=cmd_convert)
+
+    insp = sub.add_parser("inspect", help="Show what a .beton file holds: images, classes, fields, storage, sizes.")
+    insp.add_argument("file", metavar="FILE.beton", help="The file to inspect.")
+    insp.add_argument("--verify", action="store_true",
+                      help="Also decode every stored image and check every label; exit status 2 if any fails.")
+    insp.set_defaults(func=cmd_inspect)
 
     recipes = sub.add_parser("recipes", help="List the recipes in configs/, or show one recipe's resolved plan.")
     recipes.add_argument("name", nargs="?", help="A recipe to resolve: prints its settings and schedule table.")
