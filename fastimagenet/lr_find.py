@@ -141,6 +141,10 @@ def save_plot(result: LrFindResult, path: Path, title: str) -> None:
     ax.axvline(result.suggested_lr, color="tab:red", linestyle="--",
                label=f"suggested optim.lr={result.suggested_lr:.3g}")
     ax.set_xscale("log")
+    # The divergence at the end would squash the useful part of the curve: cap the axis just above the start.
+    low, start, high = min(result.losses), result.losses[0], max(result.losses)
+    span = max(start - low, 0.1 * abs(start), 1e-3)
+    ax.set_ylim(low - 0.05 * span, min(high, start + 0.5 * span) + 0.05 * span)
     ax.set_xlabel("optim.lr (per 256 images)")
     ax.set_ylabel("training loss (smoothed)")
     ax.set_title(f"{title}: {result.resolution} px, batch {result.batch_size}")
