@@ -7,10 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dataset_tools.synthetic_jpegs import make_jpeg_folder
 from fastimagenet.cli import main
-from fastimagenet.config import CONFIGS_DIR, load_config
+from fastimagenet.config import CONFIGS_DIR, _flatten, load_config
 from fastimagenet.errors import UserError
 from fastimagenet.metrics import read_metrics
 from fastimagenet.recipes import REFERENCE_LABEL, list_recipes, markdown_table, read_recipe
@@ -63,7 +64,37 @@ def test_rn50_18ep_is_the_speedrun_recipe():
     assert (cfg.model.arch, cfg.model.blurpool, cfg.epochs, cfg.runtime.tta_flip) == ("resnet50", True, 18, True)
     assert cfg.optim.label_smoothing > 0 and cfg.schedule.lr == "linear_ramp"
     assert (resolution_at(0, cfg), resolution_at(cfg.epochs - 1, cfg), val_resolution(cfg)) == (160, 192, 256)
-    # No device-specific precision or compile: the hardware presets decide.
+
+
+# Keys that only matter under some other setting: a recipe that sets one without that setting is silently ignored.
+_ONLY_WHEN = {
+    "optim.momentum": lambda c: c.optim.name == "sgd",
+    "optim.nesterov": lambda c: c.optim.name == "sgd",
+    "optim.betas": lambda c: c.optim.name == "adamw",
+    "schedule.milestones": lambda c: c.schedule.lr == "step",
+    "schedule.gamma": lambda c: c.schedule.lr == "step",
+    "schedule.peak": lambda c: c.schedule.lr in ("linear_ramp", "onecycle"),
+    "schedule.end_lr_ratio": lambda c: c.schedule.lr != "step",
+    "schedule.ramp_start": lambda c: not c.schedule.stages,
+    "schedule.ramp_end": lambda c: not c.schedule.stages,
+    "schedule.min_resolution": lambda c: not c.schedule.stages,
+    "schedule.max_resolution": lambda c: not c.schedule.stages,
+    "model.width": lambda c: c.model.arch.endswith("_small"),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_sets_no_key_its_other_settings_ignore(name):
+    cfg = load_config(name)
+    keys = _flatten(yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text()))
+    ignored = [key for key in keys if key in _ONLY_WHEN and not _ONLY_WHEN[key](cfg)]
+    assert not ignored, f"{name}: these keys have no effect with the recipe's other settings: {ignored}"
+
+
+@pytest.mark.parametrize("name", sorted(set(RECIPES) - {"demo_fashion_mnist"}))
+def test_recipes_leave_precision_and_compile_to_the_hardware_presets(name):
+    """bf16 + compile on CUDA, fp32 eager on CPU (runtime.py); only the CPU demo pins them."""
+    cfg = load_config(name)
     assert (cfg.runtime.precision, cfg.runtime.compile) == ("auto", "auto")
 
 
