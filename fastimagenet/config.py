@@ -329,6 +329,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: 'data.crop_ratio' must be in (0, 1], got {cfg.data.crop_ratio}")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise UserError(f"config: 'optim.ema_decay' must be in [0, 1) (0: off), got {cfg.optim.ema_decay}")
+    if cfg.runtime.ddp_static_graph and cfg.optim.accum_steps > 1:
+        raise UserError("config: 'runtime.ddp_static_graph=true' cannot be combined with 'optim.accum_steps' > 1 "
+                        "(DDP's static graph fails when accumulation micro-steps skip the gradient sync)")
     if not 0 <= cfg.optim.label_smoothing < 1:
         raise UserError(f"config: 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
     if cfg.schedule.min_resolution > cfg.schedule.max_resolution:

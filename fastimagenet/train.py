@@ -184,6 +184,8 @@ def fit(cfg: Config, resume_from: Path | None = None) -> dict:
     of the data with DDP. `resume_from`: a checkpoint (last.pt) to continue from, exactly where it stopped."""
     env = env_from_torchrun()
     rt = resolve_runtime(cfg, env.local_rank)
+    if cfg.model.sync_bn and env.world_size > 1 and rt.device.type != "cuda":
+        raise UserError("config: model.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
     init_process_group(env, rt.device)
     try:
         return _fit(cfg, env, rt, resume_from)
@@ -212,8 +214,6 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None) -> di
         batch_size_at(e, cfg) % cfg.optim.accum_steps for e in range(cfg.epochs)
     ):
         raise UserError("config: every batch size must be divisible by 'optim.accum_steps'")
-    if cfg.model.sync_bn and env.world_size > 1 and rt.device.type != "cuda":
-        raise UserError("config: model.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
     state = load_checkpoint(resume_from) if resume_from is not None else None
     start_epoch = state["epoch"] + 1 if state else 0
     if start_epoch >= cfg.epochs:

@@ -1,0 +1,173 @@
+"""Data-parallel training on CPU with gloo and 2 processes, for every loader backend: each rank sees its own shard
+(no sample twice in an epoch), the ranks end with identical weights, and the run matches a 1-process run with the
+same global batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import loaders
+from fastimagenet import train as train_module
+from fastimagenet.config import load_config
+from fastimagenet.distributed import env_from_torchrun
+from fastimagenet.errors import UserError
+from fastimagenet.metrics import read_metrics
+from fastimagenet.train import fit
+from tests.test_loader_contract import data_path
+
+TINY = ["model.arch=resnet10_small", "model.width=8", "runtime.compile=false", "runtime.device=cpu",
+        "optim.label_smoothing=0", "optim.lr=0.4", "schedule.lr=cosine", "loader.workers=1", "data.scale=0.35,1",
+        "schedule.stages=0,32,8", "epochs=2", "loader.synthetic_samples=16", "data.num_classes=16"]
+
+# synthetic images are random and its labels are not per-sample identities, so only the data backends are checked
+# for overlap between ranks.
+SAMPLE_IDENTITY = {"torchvision": True, "dali": True, "ffcv": True, "synthetic": False}
+
+
+def _backend_written(name: str) -> bool:
+    return name in ("torchvision", "synthetic") or importlib.util.find_spec(f"loaders.{name}_loader") is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _RecordingLoader:
+    """Passes batches through and notes the labels of each epoch."""
+
+    def __init__(self, inner):
+        self.inner, self.epochs = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        labels = []
+        self.epochs.append(labels)
+        for images, batch_labels in self.inner:
+            labels += batch_labels.tolist()
+            yield images, batch_labels
+
+
+def _instrumented_fit(overrides: list[str]) -> dict:
+    """fit() that also returns the labels each epoch trained on and the final weights of this process."""
+    seen = {}
+    build_loader, wrap_ddp = loaders.build_loader, train_module.wrap_ddp
+
+    def recording_build(name, spec):
+        loader = build_loader(name, spec)
+        if spec.train:
+            loader = seen["train"] = _RecordingLoader(loader)
+        return loader
+
+    def capturing_wrap(model, *args):
+        seen["model"] = model
+        return wrap_ddp(model, *args)
+
+    loaders.build_loader, train_module.wrap_ddp = recording_build, capturing_wrap
+    try:
+        record = fit(load_config(None, overrides))
+    finally:
+        loaders.build_loader, train_module.wrap_ddp = build_loader, wrap_ddp
+    params = {k: v.detach().clone() for k, v in seen["model"].named_parameters()}
+    return {"record": record, "labels": seen["train"].epochs, "params": params}
+
+
+def _rank_main(rank: int, world_size: int, port: int, overrides: list[str], result_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    torch.save(_instrumented_fit(overrides), Path(result_dir) / f"rank{rank}.pt")
+
+
+def _overrides(name, data, out_dir):
+    # synthetic also runs with gradient accumulation: DDP skips the all-reduce on the first micro-step (no_sync)
+    extra = ["optim.accum_steps=2"] if name == "synthetic" else []
+    return [f"loader.name={name}", f"data.train={data}", f"data.val={data}", f"runtime.out_dir={out_dir}", *TINY,
+            *extra]
+
+
+@pytest.mark.parametrize("name", ["torchvision", "synthetic", "dali", "ffcv"])
+def test_two_processes_shard_agree_and_match_one_process(name, one_per_class, tmp_path):
+    if not _backend_written(name):
+        pytest.skip(f"the {name} backend is not in loaders/ yet")
+    data = data_path(name, one_per_class, tmp_path)  # 16 samples, one per class: a label names its sample
+    torch.manual_seed(0)
+    single = _instrumented_fit(_overrides(name, data, tmp_path / "run1"))
+    mp.spawn(_rank_main, args=(2, _free_port(), _overrides(name, data, tmp_path / "run2"), str(tmp_path)),
+             nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    for key, tensor in ranks[0]["params"].items():  # DDP keeps the replicas identical
+        assert torch.equal(tensor, ranks[1]["params"][key]), key
+    assert len(ranks[0]["labels"]) == len(ranks[1]["labels"]) == 2
+    for epoch in range(2):
+        first, second = ranks[0]["labels"][epoch], ranks[1]["labels"][epoch]
+        assert len(first) == len(second) == 8  # each rank takes half of the global batch of 8, 2 steps
+        if SAMPLE_IDENTITY[name]:
+            assert len(set(first)) == 8 and not set(first) & set(second)  # no sample twice in the epoch
+            assert sorted(first + second) == sorted(single["labels"][epoch]) == list(range(16))
+
+    # Same global batches, gradients averaged over the ranks: the run matches the 1-process run. Per-rank
+    # BatchNorm statistics (4 images instead of 8) are the only difference, hence the tolerance.
+    one, two = read_metrics(tmp_path / "run1"), read_metrics(tmp_path / "run2")
+    assert len(two) == 2  # rank 0 alone writes the metrics
+    for a, b in zip(one, two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+        assert b["val_images"] == a["val_images"] == 16  # every validation sample counted exactly once
+    for key, tensor in single["params"].items():
+        assert torch.allclose(ranks[0]["params"][key], tensor, atol=0.05), key
+    same = lambda record: {k: v for k, v in record.items() if k != "epoch_time_s"}  # noqa: E731 - own clocks
+    assert same(ranks[0]["record"]) == same(ranks[1]["record"])  # reduced metrics: every rank reports the same
+
+
+def test_torchrun_cli_trains_with_two_processes(jpeg_dataset, tmp_path):
+    """The documented command (here with DDP's static graph)."""
+    out = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+               "-m", "fastimagenet", "train", "--loader", "torchvision", f"data.train={jpeg_dataset / 'train'}",
+               f"data.val={jpeg_dataset / 'val'}", f"runtime.out_dir={out}", *TINY, "data.num_classes=0",
+               "schedule.stages=0,32,16", "runtime.ddp_static_graph=true"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1  # only rank 0 prints
+    assert "x 2 process(es)" in result.stdout
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert all(m["val_images"] == 32 for m in metrics)
+    assert (out / "run.png").is_file() and (out / "last.pt").is_file()
+
+
+def test_static_graph_with_accumulation_is_a_clear_error():
+    with pytest.raises(UserError, match="ddp_static_graph=true' cannot be combined"):
+        load_config(None, ["runtime.ddp_static_graph=true", "optim.accum_steps=2"])
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="sync_bn=true needs CUDA"):
+        fit(load_config(None, [*TINY, "model.sync_bn=true", f"runtime.out_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("env, message", [({"RANK": "x"}, "RANK='x' is not an integer"),
+                                          ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not within WORLD_SIZE=2")])
+def test_bad_launcher_environment_is_a_clear_error(monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match=message):
+        env_from_torchrun()
