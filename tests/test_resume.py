@@ -1,0 +1,116 @@
+"""Checkpoints and resume: a run killed with SIGKILL mid-way and resumed ends where an uninterrupted run ends;
+Ctrl-C leaves a checkpoint; best-k are kept; bad resume requests are clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastimagenet.checkpoint import CheckpointKeeper
+from fastimagenet.cli import main
+from fastimagenet.metrics import read_metrics
+
+TINY = ["model.arch=resnet10_small", "model.width=8", "runtime.compile=false", "runtime.device=cpu",
+        "optim.lr=0.8", "schedule.lr=onecycle", "loader.workers=1", "data.scale=0.35,1", "data.val_resolution=32",
+        "schedule.stages=0,24,16;2,32,16", "runtime.keep_best=2"]
+
+
+def _args(data, out, epochs):
+    return ["train", "--loader", "torchvision", f"data.train={data / 'train'}", f"data.val={data / 'val'}",
+            f"runtime.out_dir={out}", f"epochs={epochs}", *TINY]
+
+
+def _start(data, out, epochs) -> subprocess.Popen:
+    # One intra-op thread, as in the runs it is compared with, so the float arithmetic is the same.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fastimagenet", *_args(data, out, epochs)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_epochs(process, out, count: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").is_file() and len(read_metrics(out)) >= count:
+            return
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} epochs within {timeout} s")
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(jpeg_dataset, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    process = _start(jpeg_dataset, killed, epochs=4)
+    _wait_for_epochs(process, killed, 2)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # it was killed mid-run, not finished
+    finished = len(read_metrics(killed))
+    assert 2 <= finished < 4
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--resume", str(killed)]) == 0
+        assert main(_args(jpeg_dataset, full, epochs=4)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, b = read_metrics(full), read_metrics(killed)
+    assert [r["epoch"] for r in b] == [0, 1, 2, 3]  # each epoch once, also one logged just before the kill
+    for ra, rb in zip(a, b):
+        assert (rb["resolution"], rb["batch_size"], rb["lr"]) == (ra["resolution"], ra["batch_size"], ra["lr"])
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4, abs=1e-6)
+        assert rb["val_top1"] == pytest.approx(ra["val_top1"], abs=1e-9)
+    wa, wb = _weights(full / "last.pt"), _weights(killed / "last.pt")
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-4, atol=1e-6), key
+    assert len(list(killed.glob("best-epoch*.pt"))) == 2  # runtime.keep_best=2
+    assert not list(killed.glob(".*.tmp*"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exports(jpeg_dataset, tmp_path):
+    out = tmp_path / "run"
+    process = _start(jpeg_dataset, out, epochs=6)
+    _wait_for_epochs(process, out, 1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    state = torch.load(out / "interrupted.pt", weights_only=False)
+    assert state["epoch"] == state["interrupted_in_epoch"] - 1  # the last finished epoch
+    assert main(["export", str(out), str(tmp_path / "weights.pt"), "--checkpoint", "interrupted"]) == 0
+
+
+def test_best_k_keeps_the_best_epochs_and_best_pt_points_at_the_top(tmp_path):
+    keeper = CheckpointKeeper(tmp_path, keep_best=2)
+    for epoch, top1 in enumerate([0.5, 0.7, 0.6, 0.7, 0.4]):
+        keeper.rank(epoch, top1)
+        keeper.save({"epoch": epoch}, epoch)
+    assert sorted(p.name for p in tmp_path.glob("best-epoch*.pt")) == ["best-epoch001.pt", "best-epoch003.pt"]
+    assert keeper.ranking == [(0.7, 1), (0.7, 3)]  # a tie keeps the earlier epoch first
+    assert torch.load(tmp_path / "best.pt")["epoch"] == 1
+    assert torch.load(tmp_path / "last.pt")["epoch"] == 4
+
+
+def test_resume_refuses_what_it_cannot_continue(jpeg_dataset, tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert "not a run directory (no config.yaml)" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(_args(jpeg_dataset, out, epochs=1) + ["schedule.stages=0,24,16"]) == 0
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "already finished its 1 epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--config", "demo_fashion_mnist"]) == 2
+    assert "drop --config" in capsys.readouterr().err
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "--resume", str(out), "epochs=2"]) == 2
+    assert "last.pt: not a readable checkpoint" in capsys.readouterr().err
+    (out / "last.pt").unlink()
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "no finished epoch to resume from" in capsys.readouterr().err
