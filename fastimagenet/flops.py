@@ -52,7 +52,9 @@ class TrainFlops:
     def per_image(self, resolution: int) -> float:
         if resolution not in self._per_resolution:
             with torch.device("meta"):
-                model = self.make_model()
+                # eval(): training-mode BatchNorm rejects a batch of one at 1x1 (e.g. resnet18 at 32 px); the
+                # counted convolutions and matmuls are the same in both modes.
+                model = self.make_model().eval()
                 images = torch.empty(1, 3, resolution, resolution)
             with FlopCounterMode(display=False) as counter:
                 model(images).sum().backward()
