@@ -67,9 +67,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def average_buffers(module: nn.Module) -> None:
-    """Average BatchNorm running statistics over ranks before evaluation. DDP only broadcasts rank 0's buffers at
-    the start of a training forward, so after the last step each rank holds slightly different statistics; the
-    mean is the better estimate and makes every rank evaluate the same model."""
+    """Average BatchNorm running statistics over the ranks before evaluation. Each rank updates its own from its
+    shard (DDP is told not to broadcast buffers every step); the mean is the better estimate, and makes every rank
+    evaluate, and rank 0 save, the same model."""
     if not dist.is_initialized():
         return
     world = dist.get_world_size()
@@ -89,6 +89,8 @@ def wrap_ddp(model: nn.Module, env: DistEnv, device: torch.device, bucket_mb: in
         device_ids=[device.index] if device.type == "cuda" else None,
         bucket_cap_mb=bucket_mb,
         gradient_as_bucket_view=True,  # gradients live in the buckets: one copy less per step
+        forward_sync_buffers=False,  # no per-step buffer broadcast (a collective and a compile graph break);
+        # BN statistics are averaged over the ranks before each evaluation instead (average_buffers)
         static_graph=static_graph,
     )
 

@@ -30,7 +30,8 @@ def write_run_plot(run_dir: Path) -> Path:
     if not records:
         raise UserError(f"{run_dir / 'metrics.jsonl'}: no finished epoch to plot yet")
     cfg = from_saved(config_path)
-    # A record is written when its epoch ends: plotted at x = epoch + 1 on an axis of epochs run so far.
+    # A record is written when its epoch ends: plotted at x = epoch + 1 on an axis of epochs trained so far
+    # (metrics.jsonl and the console number epochs from 0).
     ends = [r["epoch"] + 1 for r in records]
 
     fig = Figure(figsize=(15, 8.5), layout="constrained")
@@ -105,7 +106,7 @@ def write_run_plot(run_dir: Path) -> Path:
 
 def _style(ax, title: str, ylabel: str | None, legend: bool = True) -> None:
     ax.set_title(title)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epochs trained")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylabel:
         ax.set_ylabel(ylabel)
