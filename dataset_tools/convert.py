@@ -2,9 +2,10 @@
 
 - The class -> index map comes from the train split (sorted folder names, as every backend uses) and is written in a
   JSON sidecar beside each file (`train.beton.json`), so val labels match train labels and the loader can name them.
-- Every image is decoded by its content (a PNG named .JPEG is still a PNG), turned upright by its EXIF orientation,
-  converted to RGB (CMYK, grayscale, palette, alpha) and scaled down so its longer side is at most `max_resolution`
-  (JPEGs are scaled in the DCT domain while decoding, which is most of the speed on large photos).
+- Every image is decoded by its content (a PNG named .JPEG is still a PNG), converted to RGB (CMYK, grayscale,
+  palette, alpha) and scaled down so its longer side is at most `max_resolution` (JPEGs are scaled in the DCT domain
+  while decoding, which is most of the speed on large photos). EXIF orientation is ignored, as torchvision's
+  ImageFolder and the other backends ignore it: a .beton holds the pixels every backend reads.
 - A file that does not decode is a counted, reported skip (or an error with `strict`). FFCV's writer hangs if a worker
   raises, so a failed file becomes a placeholder plus a line in a failure log, and the file is written again without
   the failures: only datasets with unreadable files pay for a second pass.
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dataset_tools.scan import scan_image_folder
 from fastimagenet.errors import UserError
@@ -97,13 +98,12 @@ def read_sidecar(beton: str | os.PathLike) -> dict:
 
 
 def load_rgb(path: str, max_resolution: int) -> np.ndarray:
-    """An image file as upright RGB pixels (HWC uint8) whose longer side is at most `max_resolution`."""
+    """An image file as RGB pixels (HWC uint8, as stored: EXIF orientation ignored), longer side <= max_resolution."""
     with Image.open(path) as img:  # the format is read from the content, not the file name
         if img.mode not in ("RGB", "L", "CMYK"):  # palette, alpha, 16-bit: scaling needs a plain mode
             img = img.convert("RGB")
         # thumbnail: JPEGs are first reduced in the DCT domain (draft), then resampled; never enlarges
         img.thumbnail((max_resolution, max_resolution), Image.LANCZOS)
-        img = ImageOps.exif_transpose(img)
         return np.asarray(img.convert("RGB"))
 
 
@@ -195,7 +195,7 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
                 raise UserError(f"{src}: none of the images could be decoded")
         else:
             raise UserError(f"{src}: files keep failing to decode on each pass; are they being modified?")
-        meta = dict(version=SIDECAR_VERSION, classes=scan.classes, images=len(samples), source=str(Path(src)),
+        meta = dict(version=SIDECAR_VERSION, classes=scan.classes, images=len(samples), source=str(Path(src).resolve()),
                     skipped=skipped, **{k: v for k, v in asdict(options).items() if k not in ("force", "workers", "strict")})
         _replace_atomically(json.dumps(meta, indent=1), sidecar_path(dst))
         os.replace(tmp, dst)

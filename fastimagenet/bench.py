@@ -43,6 +43,15 @@ def torchvision_reference(data: str, resolution: int, batch_size: int, workers: 
         persistent_workers=workers > 0))
 
 
+def image_folder_of(data: str) -> str:
+    """The ImageFolder behind a benchmark's data: the folder itself, or the one a .beton was converted from."""
+    if not data.endswith(".beton"):
+        return data
+    from dataset_tools.convert import read_sidecar
+
+    return read_sidecar(data)["source"]
+
+
 def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers: int, device: str,
                  baselines: list[str], options: LoaderConfig | None = None) -> dict:
     options = options or LoaderConfig(name=name, workers=workers)
@@ -53,7 +62,7 @@ def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers
               "device": device, "images_per_s": time_second_pass(lambda: loaders.build_loader(name, spec))}
     for baseline in baselines:
         if baseline == "torchvision":
-            figure = torchvision_reference(data, resolution, batch_size, workers)
+            figure = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)
         else:
             figure = time_second_pass(lambda: loaders.build_raw_pipeline(name, spec))
         result[f"{baseline}_images_per_s"] = figure
