@@ -32,6 +32,14 @@ def atomic_torch_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_partial_writes(run_dir: Path) -> int:
+    """Temp files left by a process killed mid-write (the files they were to replace are intact)."""
+    stale = list(Path(run_dir).glob(".*.tmp*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _atomic_link(source: Path, target: Path) -> None:
     """`target` becomes another name of `source`'s file (no copy); the swap is atomic."""
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import loaders
-from fastimagenet.checkpoint import (CheckpointKeeper, atomic_torch_save, load_checkpoint, restore_rng_state,
-                                     training_state)
+from fastimagenet.checkpoint import (CheckpointKeeper, atomic_torch_save, load_checkpoint, remove_partial_writes,
+                                     restore_rng_state, training_state)
 from fastimagenet.config import Config, save_config, to_dict
 from fastimagenet.ema import ModelEma
 from fastimagenet.distributed import (DistEnv, all_reduce_sum, average_buffers, env_from_torchrun,
@@ -221,6 +221,8 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None) -> di
     out_dir = make_run_dir(cfg) if env.is_main else None
     if env.is_main:
         save_config(cfg, out_dir / "config.yaml")
+        if state:
+            remove_partial_writes(out_dir)
     train_loader, val_loader = build_loaders(cfg, rt, env)
     num_classes = cfg.data.num_classes or len(train_loader.classes)
 
