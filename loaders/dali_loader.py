@@ -2,7 +2,8 @@
 
 - Order: our own per-epoch order (epoch_order + shard, as every backend) feeds file bytes to the pipeline through
   an external source, so labels, order and sharding match the other backends exactly; DALI's file reader would
-  shuffle its own way. The bytes are read in the Python thread while DALI decodes earlier batches.
+  shuffle its own way. The bytes are read in the Python thread (np.fromfile: measured faster on cpu-2c than
+  handing paths to DALI's `io.file.read`) while DALI decodes earlier batches.
 - Train: the random-resized-crop is fused into the decode (`decoders.image_random_crop`: only the crop's pixels
   are decoded), then resized to the epoch's resolution and flipped. Eval: resize + centre crop.
 - `reconfigure` rebuilds the pipeline when the (resolution, batch size) changes, i.e. once per resizing stage
@@ -159,7 +160,8 @@ class DaliLoader:
             spec = self.spec
             # Crops and flips are seeded per (seed, rank, epoch the stage starts at): reproducible runs, and ranks
             # that do not repeat each other's random stream.
-            pipe = _new_pipeline(spec, self.batch_size, seed=(spec.seed * 1_000 + spec.rank) * 100_003 + self.epoch)
+            seed = ((spec.seed * 1_000 + spec.rank) * 100_003 + self.epoch) % 2**31
+            pipe = _new_pipeline(spec, self.batch_size, seed)
             with pipe:
                 encoded = fn.external_source(source=self._feed, dtype=types.UINT8, ndim=1)
                 pipe.set_outputs(augmented(encoded, spec.train, self.resolution, spec.augment, self._decode_device,
