@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -14,21 +15,31 @@ from loaders.augment import Augment
 from loaders.base import LoaderSpec
 
 
-def time_second_pass(iterable_factory, passes: int = 2) -> float:
-    """images/s of the last of `passes` full passes: the first pays for worker start-up and a cold page cache."""
-    iterable = iterable_factory()
-    for p in range(passes):
-        images = 0
-        start = time.perf_counter()
-        for batch, labels in iterable:
-            images += labels.shape[0]
-        if batch.is_cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return images / seconds
+def _one_pass(iterable) -> float:
+    images, batch = 0, None
+    start = time.perf_counter()
+    for batch, labels in iterable:
+        images += labels.shape[0]
+    if batch is not None and batch.is_cuda:
+        torch.cuda.synchronize()  # sync: the pass ends when the device has the last batch
+    return images / (time.perf_counter() - start)
 
 
-def torchvision_reference(data: str, resolution: int, batch_size: int, workers: int) -> float:
+def compare_throughput(pipelines: dict, rounds: int) -> dict[str, float]:
+    """Median images/s of each pipeline over `rounds` timed passes, after one untimed pass each (worker start-up,
+    JIT compiles, cold page cache). The pipelines take turns in a rotating order, so a change of load on the
+    machine during the run hits every one of them alike."""
+    for iterable in pipelines.values():
+        _one_pass(iterable)
+    names = list(pipelines)
+    figures = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            figures[name].append(_one_pass(pipelines[name]))
+    return {name: statistics.median(values) for name, values in figures.items()}
+
+
+def torchvision_reference(data: str, resolution: int, batch_size: int, workers: int):
     """The plain pipeline users start from: ImageFolder + RandomResizedCrop + flip + PILToTensor in a DataLoader."""
     from torchvision import datasets, transforms
 
@@ -38,9 +49,8 @@ def torchvision_reference(data: str, resolution: int, batch_size: int, workers: 
         transforms.PILToTensor(),
     ])
     dataset = datasets.ImageFolder(data, transform=transform)
-    return time_second_pass(lambda: torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-        persistent_workers=workers > 0))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       num_workers=workers, persistent_workers=workers > 0)
 
 
 def image_folder_of(data: str) -> str:
@@ -53,20 +63,23 @@ def image_folder_of(data: str) -> str:
 
 
 def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers: int, device: str,
-                 baselines: list[str], options: LoaderConfig | None = None) -> dict:
+                 baselines: list[str], rounds: int = 3, options: LoaderConfig | None = None) -> dict:
     options = options or LoaderConfig(name=name, workers=workers)
     workers = workers or os.cpu_count() or 1
     spec = LoaderSpec(path=data, train=True, resolution=resolution, batch_size=batch_size,
                       device=torch.device(device), augment=Augment(), options=options)
-    result = {"loader": name, "resolution": resolution, "batch_size": batch_size, "workers": workers,
-              "device": device, "images_per_s": time_second_pass(lambda: loaders.build_loader(name, spec))}
+    pipelines = {"images_per_s": loaders.build_loader(name, spec)}
     for baseline in baselines:
         if baseline == "torchvision":
-            figure = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)
+            pipeline = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)
         else:
-            figure = time_second_pass(lambda: loaders.build_raw_pipeline(name, spec))
-        result[f"{baseline}_images_per_s"] = figure
-        result[f"ratio_vs_{baseline}"] = result["images_per_s"] / figure
+            pipeline = loaders.build_raw_pipeline(name, spec)
+        pipelines[f"{baseline}_images_per_s"] = pipeline
+    figures = compare_throughput(pipelines, rounds)
+    result = {"loader": name, "resolution": resolution, "batch_size": batch_size, "workers": workers,
+              "device": device, "rounds": rounds, **figures}
+    for baseline in baselines:
+        result[f"ratio_vs_{baseline}"] = figures["images_per_s"] / figures[f"{baseline}_images_per_s"]
     return result
 
 

@@ -65,7 +65,7 @@ def cmd_bench_loader(args) -> None:
     # `--baseline` with no value means the torchvision reference; no flag means no baseline.
     baselines = [] if args.baseline is None else (args.baseline or ["torchvision"])
     print_result(bench_loader(args.loader, args.data, args.resolution, args.batch_size, args.workers, args.device,
-                              baselines))
+                              baselines, args.rounds))
 
 
 def cmd_make_data(args) -> None:
@@ -170,13 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="what", required=True)
-    bl = bench_sub.add_parser("loader", help="Images/s of a loader alone (2nd pass), printed as one JSON line.")
+    bl = bench_sub.add_parser("loader", help="Images/s of a loader alone (median of timed passes), printed as one JSON line.")
     bl.add_argument("--loader", choices=LOADER_NAMES, required=True, help="Loader backend to measure.")
     bl.add_argument("--data", default="", help="Train split to read (ImageFolder dir, or .beton for ffcv).")
     bl.add_argument("--resolution", type=int, default=176, help="Output resolution in pixels.")
     bl.add_argument("--batch-size", type=int, default=64, help="Images per batch.")
     bl.add_argument("--workers", type=int, default=0, help="Worker processes/threads (0: one per CPU core).")
     bl.add_argument("--device", default="cpu", help="Where batches are delivered: cpu or cuda.")
+    bl.add_argument("--rounds", type=int, default=3,
+                    help="Timed passes per pipeline, taken in turns after one untimed pass each; medians reported.")
     bl.add_argument("--baseline", nargs="*", choices=("torchvision", "raw"),
                     help="Also measure, in the same run: 'torchvision' (the plain ImageFolder pipeline; the "
                          "default when the flag has no value) and/or 'raw' (the backend's library used by hand).")

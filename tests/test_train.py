@@ -84,7 +84,7 @@ def test_every_command_has_help(command):
 
 def test_bench_loader_prints_one_json_line_with_the_baseline(jpeg_dataset, capsys):
     assert main(["bench", "loader", "--loader", "torchvision", "--data", str(jpeg_dataset / "train"),
-                 "--resolution", "32", "--batch-size", "8", "--workers", "1", "--baseline"]) == 0
+                 "--resolution", "32", "--batch-size", "8", "--workers", "1", "--rounds", "2", "--baseline"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["images_per_s"] > 0 and result["torchvision_images_per_s"] > 0
     assert result["ratio_vs_torchvision"] == pytest.approx(
