@@ -173,7 +173,7 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()
         steps = len(self)
-        batches = [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(steps)]
+        batches = [indices[i * self.batch_size : (i + 1) * self.batch_size].tolist() for i in range(steps)]
         pipe = self._pipeline()
         self._feed.batches = batches  # read by the external source from the first run() of this epoch on
         if self._needs_reset:
@@ -183,11 +183,10 @@ class DaliLoader:
             for batch in batches:
                 try:
                     (images,) = pipe.run()
-                except RuntimeError as exc:  # a file changed on disk since it was verified
-                    self._pipe = self._built_for = None
-                    files = ", ".join(self._feed.paths[i] for i in batch[:4])
-                    raise UserError(f"DALI could not decode an image of the batch [{files}, ...]: "
-                                    f"{str(exc).strip().splitlines()[-1]}") from None
+                except RuntimeError as exc:  # a file changed on disk since it was verified; the pipeline is dead
+                    files = ", ".join(self._feed.paths[i] for i in batch[:3])
+                    raise UserError(f"DALI could not decode an image at or just after [{files}, ...] (changed since "
+                                    f"it was verified?): {str(exc).strip().splitlines()[-1]}") from None
                 yield to_device_nchw(_to_torch(images, self.spec.device), self._labels[batch], self.spec.device)
             try:  # the source has signalled the end of the epoch; take it so the pipeline can start the next one
                 pipe.run()
