@@ -17,8 +17,10 @@ from PIL import Image
 
 from loaders.augment import Box
 
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
+# The DCT-scaling bits of OpenCV's read flags, combined below with RGB output (libjpeg then writes RGB itself).
+_SCALE_BITS = {1: 0, 2: cv2.IMREAD_REDUCED_COLOR_2 & ~cv2.IMREAD_COLOR, 4: cv2.IMREAD_REDUCED_COLOR_4 & ~cv2.IMREAD_COLOR,
+               8: cv2.IMREAD_REDUCED_COLOR_8 & ~cv2.IMREAD_COLOR}
+_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 class UnreadableImage(Exception):
@@ -46,17 +48,17 @@ def _jpeg_crop(path: str, width: int, height: int, box: Box, size: int, flip: bo
     if data[-1024:].tobytes().rfind(b"\xff\xd9") < 0:
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     reduction = min(box[2] - box[0], box[3] - box[1]) / size
-    scale = max(s for s in _REDUCED if s <= max(1.0, reduction))
-    bgr = cv2.imdecode(data, _REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
+    scale = max(s for s in _SCALE_BITS if s <= max(1.0, reduction))
+    rgb = cv2.imdecode(data, _SCALE_BITS[scale] | _RGB)
+    if rgb is None:
         raise UnreadableImage("not a decodable JPEG")
-    sx, sy = bgr.shape[1] / width, bgr.shape[0] / height
+    sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
     left, top = int(box[0] * sx), int(box[1] * sy)
     right, bottom = max(left + 1, math.ceil(box[2] * sx)), max(top + 1, math.ceil(box[3] * sy))
-    crop = bgr[top:bottom, left:right]
+    crop = rgb[top:bottom, left:right]
     shrinking = crop.shape[0] > size or crop.shape[1] > size
     out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    return out[:, ::-1, ::-1] if flip else out[:, :, ::-1]  # BGR -> RGB (a view; the batch copy makes it dense)
+    return cv2.flip(out, 1) if flip else out
 
 
 def _pil_crop(img: Image.Image, box: Box, size: int, flip: bool) -> np.ndarray:
