@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dataset_tools.scan import scan_image_folder
 from fastimagenet.errors import UserError
@@ -60,7 +60,11 @@ class _FolderDataset(Dataset):
 
 def _collate(items):
     arrays, labels, failures = zip(*items)
-    return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), sum(failures, [])
+    batch = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8)
+    if get_worker_info() is not None:  # stack straight into shared memory: the batch crosses to the main process
+        batch.share_memory_()
+    np.stack(arrays, out=batch.numpy())
+    return batch, torch.tensor(labels, dtype=torch.int64), sum(failures, [])
 
 
 class _EpochBatchSampler:
