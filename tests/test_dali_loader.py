@@ -91,17 +91,6 @@ def test_an_epoch_left_early_does_not_leak_into_the_next(jpeg_dataset):
     assert labels_of(loader) == full
 
 
-@pytest.fixture
-def folder_with_bad_files(jpeg_dataset, tmp_path):
-    root = tmp_path / "train"
-    shutil.copytree(jpeg_dataset / "train", root)
-    good = next((root / "class_00").glob("*.jpg")).read_bytes()
-    (root / "class_00" / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    (root / "class_01" / "not_really.jpg").write_bytes(b"this is text, not a JPEG")
-    Image.new("RGB", (40, 40)).save(root / "class_02" / "a_gif.jpg", format="GIF")  # PIL reads it; DALI does not
-    return root
-
-
 def test_files_dali_cannot_decode_are_left_out_and_reported(folder_with_bad_files, capsys):
     loader = loaders.build_loader("dali", dali_spec(folder_with_bad_files, batch_size=32))
     assert sorted(p.rsplit("/", 1)[1] for p in loader.skipped) == ["a_gif.jpg", "not_really.jpg", "truncated.jpg"]

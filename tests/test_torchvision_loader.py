@@ -46,17 +46,6 @@ def test_odd_modes_become_rgb(tmp_path, mode, fmt):
     assert np.abs(out.astype(int) - expected).mean() < 8  # same picture, in RGB order
 
 
-@pytest.fixture
-def folder_with_bad_files(jpeg_dataset, tmp_path):
-    root = tmp_path / "train"
-    shutil.copytree(jpeg_dataset / "train", root)
-    good = next((root / "class_00").glob("*.jpg")).read_bytes()
-    (root / "class_00" / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    (root / "class_01" / "not_really.jpg").write_bytes(b"this is text, not a JPEG")
-    (root / "class_02" / "notes.txt").write_text("not an image")
-    return root
-
-
 def test_bad_files_are_skipped_counted_and_reported(folder_with_bad_files, capsys):
     scan = scan_image_folder(folder_with_bad_files)
     assert list(scan.skipped) == [str(folder_with_bad_files / "class_02" / "notes.txt")]
