@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -63,9 +64,17 @@ def check_batch_fits(batch_size: int, samples: int, what: str) -> None:
                         "(lower optim.batch_size or the stage's batch)")
 
 
-def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank r takes every world_size-th index from r: disjoint shards of (nearly) equal size."""
-    return indices[rank::world_size]
+def rank_share(order: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
+    """This rank's part of an epoch's order: every world_size-th index from rank r, so shards are disjoint. Training
+    first drops the tail that does not divide evenly, so every rank runs the same number of steps."""
+    if spec.train:
+        order = order[: len(order) - len(order) % spec.world_size]
+    return order[spec.rank :: spec.world_size]
+
+
+def batches_per_epoch(samples: int, batch_size: int, train: bool) -> int:
+    """Training drops the last partial batch; evaluation keeps it, so every sample is seen."""
+    return samples // batch_size if train else math.ceil(samples / batch_size)
 
 
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:

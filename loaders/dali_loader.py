@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Iterator
 
@@ -27,7 +26,7 @@ from dataset_tools.scan import scan_image_folder
 from dataset_tools.verify import verified_samples
 from fastimagenet.errors import UserError
 from loaders.augment import Augment
-from loaders.base import LoaderSpec, check_batch_fits, epoch_order, shard, to_device_nchw
+from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
 
 # What DALI's image decoders read, as PIL names the formats (GIF, for one, is not among them).
 DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
@@ -115,14 +114,10 @@ class DaliLoader:
             check_batch_fits(self.batch_size, len(self._paths) // self.spec.world_size, self.spec.path)
 
     def _indices(self) -> torch.Tensor:
-        order = epoch_order(len(self._paths), self.spec.seed, self.epoch, shuffle=self.spec.train)
-        if self.spec.train:  # equal shard sizes, so every rank runs the same number of steps
-            order = order[: len(order) - len(order) % self.spec.world_size]
-        return shard(order, self.spec.rank, self.spec.world_size)
+        return rank_share(epoch_order(len(self._paths), self.spec.seed, self.epoch, self.spec.train), self.spec)
 
     def __len__(self) -> int:
-        per_rank = len(self._indices())
-        return per_rank // self.batch_size if self.spec.train else math.ceil(per_rank / self.batch_size)
+        return batches_per_epoch(len(self._indices()), self.batch_size, self.spec.train)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -31,7 +31,7 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 
 from dataset_tools.convert import read_sidecar
 from fastimagenet.errors import UserError
-from loaders.base import LoaderSpec, check_batch_fits, epoch_order, shard
+from loaders.base import LoaderSpec, check_batch_fits, epoch_order, rank_share
 
 
 def beton_path(spec: LoaderSpec) -> Path:
@@ -96,9 +96,7 @@ class _EpochOrder(TraversalOrder):
             order = torch.from_numpy(self.quasi.sample_order(epoch).astype(np.int64))
         else:
             order = epoch_order(len(self.indices), self.spec.seed, epoch, shuffle=self.spec.train)
-        if self.spec.train:  # equal shard sizes, so every rank runs the same number of steps
-            order = order[: len(order) - len(order) % self.spec.world_size]
-        return shard(order, self.spec.rank, self.spec.world_size).numpy().astype(np.uint64)
+        return rank_share(order, self.spec).numpy().astype(np.uint64)
 
 
 class FfcvLoader:

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from loaders.base import LoaderSpec, check_batch_fits, epoch_order
+from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order
 
 
 class SyntheticLoader:
@@ -20,8 +20,7 @@ class SyntheticLoader:
             check_batch_fits(self.batch_size, self.samples // spec.world_size, "synthetic loader")
 
     def __len__(self) -> int:
-        per_rank = self.samples // self.spec.world_size
-        return per_rank // self.batch_size if self.spec.train else -(-per_rank // self.batch_size)
+        return batches_per_epoch(self.samples // self.spec.world_size, self.batch_size, self.spec.train)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

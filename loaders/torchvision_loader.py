@@ -11,7 +11,6 @@ workers without re-spawning them.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Iterator
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from dataset_tools.scan import scan_image_folder
 from fastimagenet.errors import UserError
 from loaders.augment import Augment, center_crop_box, random_resized_crop_box, sample_rng
-from loaders.base import LoaderSpec, check_batch_fits, epoch_order, shard, to_device_nchw
+from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
 from loaders.image_decode import decode_crop, single_threaded_worker
 
 # How many following samples to try in place of an unreadable one, so an epoch never dies on one bad file.
@@ -75,10 +74,7 @@ class _EpochBatchSampler:
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
 
     def _indices(self) -> list[int]:
-        order = epoch_order(self.count, self.spec.seed, self.epoch, shuffle=self.spec.train)
-        if self.spec.train:  # equal shard sizes, so every rank runs the same number of steps
-            order = order[: len(order) - len(order) % self.spec.world_size]
-        return shard(order, self.spec.rank, self.spec.world_size).tolist()
+        return rank_share(epoch_order(self.count, self.spec.seed, self.epoch, self.spec.train), self.spec).tolist()
 
     def __iter__(self):
         indices = self._indices()
@@ -86,8 +82,7 @@ class _EpochBatchSampler:
             yield [(i, self.resolution, self.epoch) for i in indices[start : start + self.batch_size]]
 
     def __len__(self) -> int:
-        per_rank = len(self._indices())
-        return per_rank // self.batch_size if self.spec.train else math.ceil(per_rank / self.batch_size)
+        return batches_per_epoch(len(self._indices()), self.batch_size, self.spec.train)
 
 
 class TorchvisionLoader:
