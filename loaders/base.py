@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -56,6 +57,30 @@ class LoaderSpec:
             raise UserError(f"batch size {batch_size} is not divisible by the {self.world_size} processes")
         return batch_size // self.world_size
 
+    def workers(self) -> int:
+        """Worker processes or decode threads: `loader.workers` when set, else this process's share of the CPUs.
+        The val loader gets half of it: it runs only between training epochs, while the train loader's persistent
+        workers wait, and its idle workers would otherwise hold memory for nothing."""
+        if self.options.workers:
+            return self.options.workers
+        share = cpus_per_process()
+        return share if self.train else max(1, share // 2)
+
+
+def cpus_per_process() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and Slurm narrow), divided among the
+    processes of this node: under torchrun every GPU's process builds its own loaders, so a per-process default of
+    every core would start LOCAL_WORLD_SIZE times too many workers."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    try:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local_world = 1
+    return max(1, available // max(1, local_world))
+
 
 def check_batch_fits(batch_size: int, samples: int, what: str) -> None:
     """A training loader drops the last partial batch, so a batch larger than the data would train on nothing."""
@@ -86,7 +111,8 @@ def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> torch.Tenso
 
 
 def to_device_nchw(images_nhwc: torch.Tensor, labels: torch.Tensor, device: torch.device):
-    """NHWC uint8 host batch -> NCHW view in channels-last memory on the device (no copy of the layout)."""
-    non_blocking = images_nhwc.is_pinned()
-    images = images_nhwc.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
-    return images, labels.to(device, non_blocking=non_blocking)
+    """NHWC uint8 batch -> NCHW view in channels-last memory on the device (no copy of the layout). Each tensor is
+    copied without blocking the host only when it is pinned: a pageable host->GPU copy is a host sync, so backends
+    pin what they hand over, or put it on the device themselves (then `.to` is a no-op)."""
+    images = images_nhwc.to(device, non_blocking=images_nhwc.is_pinned()).permute(0, 3, 1, 2)
+    return images, labels.to(device, non_blocking=labels.is_pinned())

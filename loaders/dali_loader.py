@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
@@ -66,7 +65,7 @@ def augmented(encoded, train: bool, resolution: int, augment: Augment, device: s
 
 
 def _threads(spec: LoaderSpec) -> int:
-    return spec.options.dali.threads or spec.options.workers or os.cpu_count() or 1
+    return spec.options.dali.threads or spec.workers()
 
 
 def _new_pipeline(spec: LoaderSpec, batch_size: int, seed: int) -> Pipeline:

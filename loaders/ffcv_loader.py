@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -65,8 +64,8 @@ def _pipelines(spec: LoaderSpec, decoder) -> dict:
 
 def _ffcv_loader(spec: LoaderSpec, path: Path, decoder, order: OrderOption, os_cache: bool) -> _FfcvLoader:
     try:
-        return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=spec.options.workers or
-                           os.cpu_count() or 1, os_cache=os_cache, order=order, seed=spec.seed,
+        return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=spec.workers(),
+                           os_cache=os_cache, order=order, seed=spec.seed,
                            drop_last=spec.train, pipelines=_pipelines(spec, decoder))
     except (AssertionError, ValueError, OSError, IndexError) as exc:
         raise UserError(f"{path}: not a readable .beton file ({type(exc).__name__}: {exc}); re-run "

@@ -11,7 +11,6 @@ workers without re-spawning them.
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
@@ -93,7 +92,7 @@ class TorchvisionLoader:
         self._sampler = _EpochBatchSampler(len(scan.samples), spec)
         if spec.train:
             check_batch_fits(self._sampler.batch_size, len(scan.samples) // spec.world_size, spec.path)
-        workers = spec.options.workers or os.cpu_count() or 1
+        workers = spec.workers()
         self._loader = DataLoader(
             _FolderDataset(scan.samples, spec.augment, spec.train, spec.seed),
             batch_sampler=self._sampler,
