@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from dataset_tools.scan import scan_image_folder
+from fastimagenet.atomic import atomic_output
 from fastimagenet.errors import UserError
 
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
@@ -148,12 +149,6 @@ def _write_beton(out: Path, samples: list[tuple[str, int]], options: ConvertOpti
         failure_log.unlink(missing_ok=True)
 
 
-def _replace_atomically(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _first_per_class(samples: list[tuple[str, int]], count: int) -> list[tuple[str, int]]:
     kept, seen = [], {}
     for path, label in samples:
@@ -179,8 +174,7 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
     samples = _first_per_class(scan.samples, options.subset) if options.subset else scan.samples
     skipped = dict(scan.skipped)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(dst) as tmp:
         for _ in range(_MAX_PASSES):
             failures = _write_beton(tmp, samples, options)
             if not failures:
@@ -197,10 +191,8 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
             raise UserError(f"{src}: files keep failing to decode on each pass; are they being modified?")
         meta = dict(version=SIDECAR_VERSION, classes=scan.classes, images=len(samples), source=str(Path(src).resolve()),
                     skipped=skipped, **{k: v for k, v in asdict(options).items() if k not in ("force", "workers", "strict")})
-        _replace_atomically(json.dumps(meta, indent=1), sidecar_path(dst))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_output(sidecar_path(dst)) as sidecar_tmp:
+            sidecar_tmp.write_text(json.dumps(meta, indent=1))
     return ConvertReport(dst, len(samples), len(scan.classes), dst.stat().st_size, time.perf_counter() - start,
                          skipped)
 

@@ -22,15 +22,6 @@ class FolderScan:
     samples: list[tuple[str, int]]  # (path, label), sorted by class then file name
     skipped: dict[str, str] = field(default_factory=dict)  # path -> why it is not a sample
 
-    def report(self) -> str:
-        lines = [f"{self.root}: {len(self.samples)} images in {len(self.classes)} classes"]
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} files:")
-            lines += [f"  {path}: {reason}" for path, reason in sorted(self.skipped.items())[:20]]
-            if len(self.skipped) > 20:
-                lines.append(f"  ... and {len(self.skipped) - 20} more")
-        return "\n".join(lines)
-
 
 def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None) -> FolderScan:
     """List the images of a split. `classes`: the train split's class list, when scanning another split."""

@@ -10,8 +10,7 @@ import time
 import torch
 
 import loaders
-from fastimagenet.config import LoaderConfig
-from loaders.augment import Augment
+from fastimagenet.config import DataConfig, LoaderConfig
 from loaders.base import LoaderSpec
 
 
@@ -67,7 +66,7 @@ def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers
     options = options or LoaderConfig(name=name, workers=workers)
     workers = workers or os.cpu_count() or 1
     spec = LoaderSpec(path=data, train=True, resolution=resolution, batch_size=batch_size,
-                      device=torch.device(device), augment=Augment(), options=options)
+                      device=torch.device(device), augment=DataConfig(), options=options)
     pipelines = {"images_per_s": loaders.build_loader(name, spec)}
     for baseline in baselines:
         if baseline == "torchvision":

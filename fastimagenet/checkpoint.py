@@ -19,17 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastimagenet.atomic import atomic_output
 from fastimagenet.config import Config, apply_overrides, from_saved, validate
 from fastimagenet.errors import UserError
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_partial_writes(run_dir: Path) -> int:
@@ -42,10 +39,8 @@ def remove_partial_writes(run_dir: Path) -> int:
 
 def _atomic_link(source: Path, target: Path) -> None:
     """`target` becomes another name of `source`'s file (no copy); the swap is atomic."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.link(source, tmp)
-    os.replace(tmp, target)
+    with atomic_output(target) as tmp:
+        os.link(source, tmp)
 
 
 def rng_state() -> dict:

@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+import loaders
 from fastimagenet.errors import UserError
 
 DATA_HOME = Path(os.environ.get("FASTIMAGENET_DATA", Path.home() / ".cache" / "fastimagenet"))
-LOADER_NAMES = ("torchvision", "dali", "ffcv", "synthetic")
 
 
 def _overrides(args) -> list[str]:
@@ -110,14 +110,14 @@ def cmd_recipes(args) -> None:
         print(markdown_table(recipes) if args.markdown else text_listing(recipes))
         return
     from fastimagenet.config import load_config
-    from fastimagenet.schedules import schedule_table
+    from fastimagenet.plan import build_plan
 
     cfg = load_config(args.name, args.overrides)
     o = cfg.optim
     print(f"{args.name}: {cfg.model.arch}{' + BlurPool' if cfg.model.blurpool else ''}, {cfg.epochs} epochs, "
           f"{o.name} lr {o.lr:g} per 256 images ({cfg.schedule.lr}), weight decay {o.weight_decay:g}, "
           f"label smoothing {o.label_smoothing:g}, EMA {o.ema_decay or 'off'}, flip TTA {cfg.runtime.tta_flip}")
-    print(schedule_table(cfg))
+    print(build_plan(cfg).table())
 
 
 def cmd_lr_find(args) -> None:
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="Train a ResNet from a recipe plus key=value overrides.")
     train.add_argument("--config", help="A recipe: a YAML path or the name of a file in configs/ (e.g. rn50_18ep).")
-    train.add_argument("--loader", choices=LOADER_NAMES, help="Loader backend (same as loader.name=NAME).")
+    train.add_argument("--loader", choices=loaders.NAMES, help="Loader backend (same as loader.name=NAME).")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="Config overrides, e.g. data.train=/data/train epochs=16 optim.lr=0.5.")
     train.add_argument("--resume", metavar="RUN_DIR",
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     demo = sub.add_parser("demo", help="Train a small ResNet on the built-in Fashion-MNIST dataset (CPU, minutes).")
-    demo.add_argument("--loader", choices=LOADER_NAMES, help="Loader backend for the demo (default torchvision).")
+    demo.add_argument("--loader", choices=loaders.NAMES, help="Loader backend for the demo (default torchvision).")
     demo.add_argument("--out-dir", help="Run directory (default runs/<arch>-<timestamp>).")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides on top of the demo recipe.")
     demo.set_defaults(func=cmd_demo)
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="what", required=True)
     bl = bench_sub.add_parser("loader", help="Images/s of a loader alone (median of timed passes), printed as one JSON line.")
-    bl.add_argument("--loader", choices=LOADER_NAMES, required=True, help="Loader backend to measure.")
+    bl.add_argument("--loader", choices=loaders.NAMES, required=True, help="Loader backend to measure.")
     bl.add_argument("--data", default="", help="Train split to read (ImageFolder dir, or .beton for ffcv).")
     bl.add_argument("--resolution", type=int, default=176, help="Output resolution in pixels.")
     bl.add_argument("--batch-size", type=int, default=64, help="Images per batch.")
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find = sub.add_parser("lr-find", help="LR range test on a recipe: plots loss vs LR and suggests optim.lr "
                                              "(writes only the plot, no run directory or checkpoint).")
     lr_find.add_argument("--config", help="A recipe: a YAML path or the name of a file in configs/.")
-    lr_find.add_argument("--loader", choices=LOADER_NAMES, help="Loader backend (same as loader.name=NAME).")
+    lr_find.add_argument("--loader", choices=loaders.NAMES, help="Loader backend (same as loader.name=NAME).")
     lr_find.add_argument("--steps", type=int, default=100, help="Optimizer steps in the sweep (at least 10).")
     lr_find.add_argument("--min-lr", type=float, default=1e-4, help="First LR, per 256 images like optim.lr.")
     lr_find.add_argument("--max-lr", type=float, default=10.0, help="Last LR, per 256 images like optim.lr.")

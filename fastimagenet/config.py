@@ -12,12 +12,23 @@ import subprocess
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
+import loaders
 from fastimagenet.errors import UserError
+from fastimagenet.models import ARCHS, check_model_options
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Stage(NamedTuple):
+    """One step of explicit progressive resizing: from `start_epoch` on, train at this resolution and global batch."""
+
+    epoch: int  # the first epoch of the stage
+    resolution: int
+    batch: int  # global batch size
 
 
 @dataclass
@@ -59,7 +70,7 @@ class LoaderConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # see fastimagenet.models.ARCHS
+    arch: str = "resnet50"  # resnet18/34/50/101, resnet10_small, resnet18_small (fastimagenet/models.py)
     width: int = 64  # channels of the first stage (small-image archs only)
     zero_init_residual: bool = True  # last BN of each residual block starts at zero
     sync_bn: bool = False  # multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
@@ -89,8 +100,9 @@ class ScheduleConfig:
     end_lr_ratio: float = 0.0  # final LR / peak LR
     milestones: tuple[float, ...] = (0.33, 0.67)  # step: fractions of the run where LR is multiplied by gamma
     gamma: float = 0.1
-    # Progressive resizing, either explicit stages "epoch,resolution,batch;..." or a ramp:
-    stages: str = ""
+    # Progressive resizing, either explicit stages "epoch,resolution,batch;..." (or a YAML list of [epoch,
+    # resolution, batch]) or a ramp:
+    stages: tuple[Stage, ...] = ()
     min_resolution: int = 160
     max_resolution: int = 192
     ramp_start: float = 0.5  # fraction of the run where the resolution starts to grow
@@ -127,7 +139,8 @@ class Config:
 
 
 CHOICES = {
-    "loader.name": ("torchvision", "dali", "ffcv", "synthetic"),
+    "loader.name": loaders.NAMES,
+    "model.arch": tuple(ARCHS),
     "loader.dali.device": ("auto", "gpu", "cpu"),
     "loader.ffcv.order": ("random", "quasi_random"),
     "optim.name": ("sgd", "adamw"),
@@ -156,20 +169,37 @@ def all_keys(obj=None, prefix: str = "") -> list[str]:
     return keys
 
 
+def did_you_mean(word: str, options, cutoff: float = 0.6) -> str:
+    """' — did you mean 'x'?' for the closest option, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
+    return f" — did you mean '{close[0]}'?" if close else ""
+
+
 def _unknown_key(key: str, source: str) -> UserError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
-    return UserError(f"{source}: unknown config key '{key}'{hint}")
+    return UserError(f"{source}: unknown config key '{key}'{did_you_mean(key, all_keys(), cutoff=0.5)}")
+
+
+def _is_record(annotation) -> bool:
+    """A NamedTuple such as Stage: written "a,b,c" on the command line, [a, b, c] in YAML."""
+    return isinstance(annotation, type) and issubclass(annotation, tuple) and hasattr(annotation, "_fields")
 
 
 def _coerce(value, annotation, key: str, source: str):
     """Turn a YAML/command-line value into the field's declared type, or explain why not."""
     origin = typing.get_origin(annotation)
-    bad = UserError(f"{source}: '{key}' expects {_describe(annotation)}, got {value!r}")
-    if origin is tuple:
-        item_types = typing.get_args(annotation)
+    if _is_record(annotation):
+        bad = UserError(f"{source}: '{key}' entry {value!r} is not {_describe(annotation)} "
+                        "(e.g. schedule.stages=\"0,128,512;6,160,384;12,192,256\")")
+    else:
+        bad = UserError(f"{source}: '{key}' expects {_describe(annotation)}, got {value!r}")
+    if origin is tuple or _is_record(annotation):
+        item_types = tuple(typing.get_type_hints(annotation).values()) if _is_record(annotation) \
+            else typing.get_args(annotation)
+        records = _is_record(item_types[0])
         if isinstance(value, str):
-            value = [yaml.safe_load(part) for part in value.split(",")]
+            # Lists of records separate records with ';' and their fields with ','
+            value = [part for part in value.split(";") if part.strip()] if records \
+                else [yaml.safe_load(part) for part in value.split(",")]
         elif isinstance(value, (int, float)) and item_types[-1] is Ellipsis:
             value = [value]  # a one-element list, written without a comma
         if not isinstance(value, (list, tuple)):
@@ -178,7 +208,8 @@ def _coerce(value, annotation, key: str, source: str):
             item_types = (item_types[0],) * len(value)
         if len(item_types) != len(value):
             raise bad
-        return tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types))
+        items = tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types))
+        return annotation(*items) if _is_record(annotation) else items
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -203,16 +234,20 @@ def _coerce(value, annotation, key: str, source: str):
         value = str(value)
         choices = CHOICES.get(key)
         if choices and value not in choices:
-            close = difflib.get_close_matches(value, choices, n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{source}: '{key}' must be one of {', '.join(choices)}, got '{value}'{hint}")
+            raise UserError(f"{source}: '{key}' must be one of {', '.join(choices)}, got '{value}'"
+                            f"{did_you_mean(value, choices)}")
         return value
     raise AssertionError(f"unhandled config type {annotation}")
 
 
 def _describe(annotation) -> str:
+    if _is_record(annotation):
+        return "'" + ",".join(annotation._fields) + "'"
     if typing.get_origin(annotation) is tuple:
-        return "a comma-separated list, each " + _describe(typing.get_args(annotation)[0])
+        item = typing.get_args(annotation)[0]
+        if _is_record(item):
+            return f"a ';'-separated list of {_describe(item)} (e.g. \"0,128,512;6,160,384\")"
+        return "a comma-separated list, each " + _describe(item)
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[annotation]
 
 
@@ -257,9 +292,8 @@ def recipe_path(name_or_path: str) -> Path:
     if candidate.is_file():
         return candidate
     names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
-    close = difflib.get_close_matches(name_or_path, names, n=1)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
-    raise UserError(f"unknown recipe '{name_or_path}'{hint} (recipes: {', '.join(names)})")
+    raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)} "
+                    f"(recipes: {', '.join(names)})")
 
 
 def load_config(recipe: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -341,16 +375,36 @@ def validate(cfg: Config) -> None:
     for key in ("warmup", "peak", "end_lr_ratio"):
         if not 0 <= getattr(cfg.schedule, key) <= 1:
             raise UserError(f"config: 'schedule.{key}' must be in [0, 1], got {getattr(cfg.schedule, key)}")
-    from fastimagenet.schedules import parse_stages  # parse errors name the key
+    _validate_stages(cfg.schedule.stages, cfg.epochs)
+    batches = [cfg.optim.batch_size] + [stage.batch for stage in cfg.schedule.stages]
+    if any(batch % cfg.optim.accum_steps for batch in batches):
+        raise UserError(f"config: every batch size ({', '.join(map(str, sorted(set(batches))))}) must be divisible "
+                        f"by 'optim.accum_steps' ({cfg.optim.accum_steps})")
+    dali = cfg.loader.dali
+    if dali.prefetch < 1 or dali.threads < 0 or not 0 <= dali.hw_decoder_load <= 1:
+        raise UserError(f"config: need loader.dali.prefetch >= 1, loader.dali.threads >= 0 and "
+                        f"0 <= loader.dali.hw_decoder_load <= 1, got {dali.prefetch}, {dali.threads}, "
+                        f"{dali.hw_decoder_load}")
+    check_model_options(cfg.model.arch, cfg.model.width, cfg.model.blurpool)
 
-    parse_stages(cfg.schedule.stages, cfg.epochs)
+
+def _validate_stages(stages: tuple[Stage, ...], epochs: int) -> None:
+    for stage in stages:
+        if stage.resolution <= 0 or stage.batch <= 0 or stage.epoch < 0:
+            raise UserError(f"config: 'schedule.stages' entry '{','.join(map(str, stage))}': resolution and batch "
+                            "must be > 0")
+    starts = [stage.epoch for stage in stages]
+    if starts and (starts[0] != 0 or starts != sorted(set(starts))):
+        raise UserError("config: 'schedule.stages' must start at epoch 0 with increasing start epochs")
+    if starts and starts[-1] >= epochs:
+        raise UserError(f"config: 'schedule.stages' has a stage at epoch {starts[-1]} but the run has {epochs} epochs")
 
 
 # ---------------------------------------------------------------------------------------------- saving
 def to_dict(cfg: Config) -> dict:
     def plain(value):
-        if isinstance(value, tuple):
-            return list(value)
+        if isinstance(value, tuple):  # YAML lists, Stage records included
+            return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value

@@ -43,3 +43,8 @@ class ModelEma:
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Weights and warm-up position from `state_dict()`; the decay stays the configured one."""
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]

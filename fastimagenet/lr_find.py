@@ -9,23 +9,20 @@ checkpoint.
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
+from fastimagenet.atomic import atomic_output
 from fastimagenet.config import Config
 from fastimagenet.errors import UserError
-from fastimagenet.models import build_model, normalize
-from fastimagenet.optim import build_optimizer, set_lr
-from fastimagenet.runtime import compile_forward, resolve_runtime, seed_everything
-from fastimagenet.schedules import batch_size_at, resolution_at
-from fastimagenet.train import build_loaders
+from fastimagenet.optim import set_lr
+from fastimagenet.plan import build_plan
+from fastimagenet.runtime import resolve_runtime, seed_everything
+from fastimagenet.training_setup import build_training
 
 SMOOTHING = 0.9  # EMA of the loss: a single noisy batch must not end the test or pick the LR
 DIVERGE_FACTOR = 4.0  # stop when the smoothed loss exceeds this multiple of its best value
@@ -58,36 +55,30 @@ def lr_range_test(cfg: Config, steps: int = 100, min_lr: float = 1e-4, max_lr: f
         raise UserError(f"lr-find: need 0 < --min-lr < --max-lr, got {min_lr} and {max_lr}")
     if steps < 10:
         raise UserError(f"lr-find: --steps must be at least 10 to draw a curve, got {steps}")
-    cfg = copy.deepcopy(cfg)
-    # The shared loader factory builds a val loader too; with no val split given, the train split stands in (unused).
-    cfg.data.val = cfg.data.val or cfg.data.train
     rt = resolve_runtime(cfg)
     seed_everything(cfg.runtime.seed)
-    loader, _ = build_loaders(cfg, rt)
-    resolution, batch_size = resolution_at(0, cfg), batch_size_at(0, cfg)
-    model = build_model(cfg.model.arch, cfg.data.num_classes or len(loader.classes), cfg.model.width,
-                        cfg.model.zero_init_residual, cfg.model.blurpool)
-    memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-    model = model.to(rt.device, memory_format=memory_format).train()
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
-    forward = compile_forward(lambda images: model(normalize(images)), rt, cfg.runtime.compile_backend, 1)
-    accum = cfg.optim.accum_steps
+    plan = build_plan(cfg)
+    first = plan.rows[0]
+    run = build_training(cfg, plan, rt, with_val=False)
+    run.train_module.train()
+    resolution, batch_size, accum = first.resolution, first.batch_size, first.accum_steps
 
     lrs, losses = [], []
     average, best, stopped_early = 0.0, math.inf, False
-    batches = _endless(loader)
+    batches = _endless(run.train_loader)
     for step in range(steps):
         lr = min_lr * (max_lr / min_lr) ** (step / (steps - 1))
-        set_lr(optimizer, lr * batch_size / 256)
+        set_lr(run.optimizer, lr * batch_size / 256)
         total = 0.0
         for _ in range(accum):
             images, labels = next(batches)
             with rt.autocast():
-                loss = F.cross_entropy(forward(images), labels, label_smoothing=cfg.optim.label_smoothing)
-            (loss / accum).backward()
+                loss = F.cross_entropy(run.forward(images), labels, label_smoothing=cfg.optim.label_smoothing)
+            run.scaler.scale(loss / accum).backward()  # fp16: scaled, so small gradients do not flush to zero
             total += loss.item() / accum  # sync: every step's loss decides whether the test goes on
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
         average = SMOOTHING * average + (1 - SMOOTHING) * total
         smoothed = average / (1 - SMOOTHING ** (step + 1))
         if not math.isfinite(smoothed):
@@ -151,10 +142,8 @@ def save_plot(result: LrFindResult, path: Path, title: str) -> None:
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)

@@ -3,9 +3,47 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
+
+from fastimagenet.atomic import atomic_output
+from fastimagenet.flops import mfu
+from fastimagenet.plan import EpochPlan
+
+
+@dataclass
+class EpochResult:
+    """What one training epoch measured, summed over the ranks."""
+
+    loss: float  # mean training loss over the steps
+    images_per_s: float  # all ranks together, leaving out the first steps (compile warm-up, loader start-up)
+    seconds: float
+
+
+def epoch_record(row: EpochPlan, train: EpochResult, val: dict, *, lr_end: float, skipped_files: int,
+                 flops_per_image: float, peak_tflops: float | None, devices: int,
+                 gpu_mem_gib: float | None) -> dict:
+    """One line of metrics.jsonl: the epoch's plan, its training and validation figures, and its speed."""
+    record = {
+        "epoch": row.epoch,
+        "resolution": row.resolution,
+        "batch_size": row.batch_size,
+        "lr": lr_end,
+        "train_loss": train.loss,
+        **val,
+        "images_per_s": train.images_per_s,
+        "epoch_time_s": train.seconds,
+        "tflops": flops_per_image * train.images_per_s / 1e12,  # achieved, all devices together
+        "skipped_files": skipped_files,
+    }
+    utilisation = mfu(flops_per_image, train.images_per_s, peak_tflops, devices)
+    if utilisation is not None:
+        record["mfu"] = utilisation
+    if gpu_mem_gib is not None:
+        record["gpu_mem_gib"] = gpu_mem_gib
+    return record
 
 
 class RunLogger:
@@ -16,9 +54,8 @@ class RunLogger:
         path = out_dir / "metrics.jsonl"
         if start_epoch > 0 and path.exists():
             kept = [json.dumps(r) + "\n" for r in read_metrics(out_dir) if r["epoch"] < start_epoch]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(path)
+            with atomic_output(path) as tmp:
+                tmp.write_text("".join(kept))
         self.jsonl = path.open("a")
         self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start_epoch or None)
 

@@ -63,8 +63,6 @@ def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
 
 def build_model(arch: str, num_classes: int, width: int = 64, zero_init_residual: bool = True,
                 blurpool: bool = False) -> nn.Module:
-    if arch not in ARCHS:
-        raise UserError(f"config: 'model.arch' must be one of {', '.join(ARCHS)}, got '{arch}'")
     block, layers, small = ARCHS[arch]
     if small:
         model = SmallImageResNet(block, layers, num_classes, width, zero_init_residual)
@@ -78,8 +76,23 @@ def build_model(arch: str, num_classes: int, width: int = 64, zero_init_residual
     return model
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW (channels-last) -> float, ImageNet-normalised; fused into the compiled graph."""
-    mean = torch.tensor(MEAN_255, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD_255, device=images.device).view(1, 3, 1, 1)
-    return (images.float() - mean) / std
+def check_model_options(arch: str, width: int, blurpool: bool) -> None:
+    """The checks `build_model` makes, run when the config is loaded: the model is built on the meta device (no
+    memory, no compute), so a bad combination is reported before any work starts."""
+    with torch.device("meta"):
+        build_model(arch, 1, width, blurpool=blurpool)
+
+
+class Normalized(nn.Module):
+    """uint8 NCHW (channels-last) batches -> ImageNet-normalised floats -> `net`. The statistics are buffers, on the
+    device once (not a host->device copy per forward), and the normalisation fuses into the compiled graph. Only
+    `net` is checkpointed and exported: the buffers are not persistent."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(MEAN_255).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD_255).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images.float() - self.mean) / self.std)

@@ -11,10 +11,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fastimagenet.atomic import atomic_output
 from fastimagenet.config import from_saved
 from fastimagenet.errors import UserError
 from fastimagenet.metrics import read_metrics
-from fastimagenet.schedules import batch_size_at, lr_at, resolution_at
+from fastimagenet.plan import build_plan
 
 # Points per epoch of the LR curve: enough to show warm-up and steps sharply.
 _LR_POINTS_PER_EPOCH = 50
@@ -30,6 +31,7 @@ def write_run_plot(run_dir: Path) -> Path:
     if not records:
         raise UserError(f"{run_dir / 'metrics.jsonl'}: no finished epoch to plot yet")
     cfg = from_saved(config_path)
+    plan = build_plan(cfg)
     # A record is written when its epoch ends: plotted at x = epoch + 1 on an axis of epochs trained so far
     # (metrics.jsonl and the console number epochs from 0).
     ends = [r["epoch"] + 1 for r in records]
@@ -60,14 +62,16 @@ def write_run_plot(run_dir: Path) -> Path:
 
     ax = axes[0, 2]
     xs = [i / _LR_POINTS_PER_EPOCH for i in range(cfg.epochs * _LR_POINTS_PER_EPOCH + 1)]
-    ax.plot(xs, [lr_at(x / cfg.epochs, batch_size_at(min(int(x), cfg.epochs - 1), cfg), cfg) for x in xs])
+    epoch_of = [min(int(x), cfg.epochs - 1) for x in xs]
+    ax.plot(xs, [plan.lr(e, x - e, 1) for x, e in zip(xs, epoch_of)])
     ax.axvline(ends[-1], color="grey", linestyle=":", label="now")
     _style(ax, "learning rate (planned; per step)", "LR")
 
     ax = axes[1, 0]
     epochs = list(range(cfg.epochs + 1))
-    resolutions = [resolution_at(min(e, cfg.epochs - 1), cfg) for e in epochs]
-    batches = [batch_size_at(min(e, cfg.epochs - 1), cfg) for e in epochs]
+    rows = list(plan.rows) + [plan.rows[-1]]  # the step plot's last step ends at the end of the run
+    resolutions = [row.resolution for row in rows]
+    batches = [row.batch_size for row in rows]
     ax.step(epochs, resolutions, where="post", color="tab:blue", label="resolution")
     ax.set_ylabel("resolution (px)", color="tab:blue")
     twin = ax.twinx()
@@ -94,13 +98,12 @@ def write_run_plot(run_dir: Path) -> Path:
 
     ax = axes[1, 2]
     ax.axis("off")
-    ax.text(0.0, 1.0, _summary(records, cfg), va="top", ha="left", family="monospace", fontsize=10,
+    ax.text(0.0, 1.0, _summary(records, cfg, plan), va="top", ha="left", family="monospace", fontsize=10,
             transform=ax.transAxes)
 
     out = run_dir / "run.png"
-    tmp = run_dir / ".run.png.tmp"
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(out)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return out
 
 
@@ -121,7 +124,7 @@ def _title(run_dir: Path, cfg, records: list[dict]) -> str:
     return f"{run_dir.name}: {cfg.model.arch}, loader {cfg.loader.name}, {status}"
 
 
-def _summary(records: list[dict], cfg) -> str:
+def _summary(records: list[dict], cfg, plan) -> str:
     last = records[-1]
     best = max(records, key=lambda r: r["val_top1"])
     hours = sum(r["epoch_time_s"] for r in records) / 3600
@@ -138,8 +141,8 @@ def _summary(records: list[dict], cfg) -> str:
         "",
         f"optimizer        {cfg.optim.name}, lr {cfg.optim.lr} per 256 images",
         f"LR schedule      {cfg.schedule.lr}",
-        f"global batch     {_span([batch_size_at(e, cfg) for e in range(cfg.epochs)])}",
-        f"resolution       {_span([resolution_at(e, cfg) for e in range(cfg.epochs)])} px",
+        f"global batch     {_span([row.batch_size for row in plan.rows])}",
+        f"resolution       {_span([row.resolution for row in plan.rows])} px",
         f"seed             {cfg.runtime.seed}",
     ]
     return "\n".join(line for line in lines if line is not None)

@@ -65,12 +65,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compile_forward(forward, rt: Runtime, backend: str, distinct_shapes: int):
-    """Compile with static shapes: each (resolution, batch) gets its own graph instead of one slower dynamic graph
+def compile_module(module: torch.nn.Module, rt: Runtime, backend: str, distinct_shapes: int):
+    """The module, compiled (the DDP wrapper itself when there is one: the documented form, which lets Dynamo split
+    the graph at the gradient buckets). Compile with static shapes: each (resolution, batch) gets its own graph instead of one slower dynamic graph
     (the default would recompile the second shape as dynamic). The recompile limit must cover every shape the
     schedule will show, or Dynamo would silently fall back to eager."""
     if not rt.compile:
-        return forward
+        return module
     torch._dynamo.config.recompile_limit = max(8, distinct_shapes)
     torch._dynamo.config.accumulated_recompile_limit = max(256, distinct_shapes)
-    return torch.compile(forward, dynamic=False, backend=backend)
+    return torch.compile(module, dynamic=False, backend=backend)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -19,33 +18,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import loaders
-from fastimagenet.checkpoint import (CheckpointKeeper, atomic_torch_save, load_checkpoint, remove_partial_writes,
-                                     restore_rng_state, training_state)
-from fastimagenet.config import Config, save_config, to_dict
-from fastimagenet.ema import ModelEma
+from fastimagenet.checkpoint import CheckpointKeeper, atomic_torch_save, load_checkpoint, remove_partial_writes
+from fastimagenet.config import Config, save_config
 from fastimagenet.distributed import (DistEnv, all_reduce_sum, average_buffers, env_from_torchrun,
-                                      init_process_group, is_main_process, shutdown, wrap_ddp)
+                                      init_process_group, is_main_process, shutdown)
 from fastimagenet.errors import UserError
-from fastimagenet.flops import TrainFlops, mfu, peak_tflops
-from fastimagenet.metrics import RunLogger
-from fastimagenet.models import build_model, normalize
+from fastimagenet.flops import peak_tflops
+from fastimagenet.metrics import EpochResult, RunLogger, epoch_record
+from fastimagenet.optim import set_lr
+from fastimagenet.plan import EpochPlan, build_plan
 from fastimagenet.plots import write_run_plot
-from fastimagenet.optim import build_optimizer, set_lr
-from fastimagenet.runtime import Runtime, compile_forward, resolve_runtime, seed_everything
-from fastimagenet.schedules import batch_size_at, lr_at, resolution_at, schedule_table, val_resolution
-from loaders.augment import Augment
-from loaders.base import LoaderSpec
+from fastimagenet.runtime import Runtime, resolve_runtime, seed_everything
+from fastimagenet.training_setup import Training, build_training
 
 # Steps at the start of each epoch left out of images/s: they carry compile warm-up and loader start-up.
 _TIMING_WARMUP_STEPS = 2
-
-
-@dataclass
-class EpochResult:
-    loss: float
-    images_per_s: float
-    seconds: float
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -55,77 +42,36 @@ def make_run_dir(cfg: Config) -> Path:
     return path
 
 
-def build_loaders(cfg: Config, rt: Runtime, env: DistEnv = DistEnv()):
-    """The train loader decides the classes; the val loader reuses them so labels agree. Batch sizes are global:
-    each backend shards the data by rank and gives every rank its share of the batch."""
-    common = dict(
-        rank=env.rank,
-        world_size=env.world_size,
-        device=rt.device,
-        augment=Augment.from_config(cfg.data),
-        options=cfg.loader,
-        seed=cfg.runtime.seed,
-        strict=cfg.data.strict,
-        num_classes=cfg.data.num_classes,
-    )
-    train = loaders.build_loader(
-        cfg.loader.name,
-        LoaderSpec(
-            path=cfg.data.train,
-            train=True,
-            resolution=resolution_at(0, cfg),
-            batch_size=batch_size_at(0, cfg) // cfg.optim.accum_steps,
-            **common,
-        ),
-    )
-    val = loaders.build_loader(
-        cfg.loader.name,
-        LoaderSpec(
-            path=cfg.data.val,
-            train=False,
-            resolution=val_resolution(cfg),
-            batch_size=cfg.data.val_batch_size or cfg.optim.batch_size,
-            classes=train.classes,
-            **common,
-        ),
-    )
-    return train, val
-
-
-def distinct_compiled_shapes(cfg: Config) -> int:
-    """Train graphs (one per distinct (resolution, batch)) plus the eval graph."""
-    return len({(resolution_at(e, cfg), batch_size_at(e, cfg)) for e in range(cfg.epochs)}) + 1
-
-
-def train_one_epoch(forward, model, loader, optimizer, scaler, cfg: Config, rt: Runtime, epoch: int,
-                    batch_size: int, ema: ModelEma | None = None) -> EpochResult:
-    model.train()
-    steps, accum = len(loader), cfg.optim.accum_steps
+def train_one_epoch(run: Training, row: EpochPlan) -> EpochResult:
+    cfg, rt, loader = run.cfg, run.rt, run.train_loader
+    run.train_module.train()
+    steps, accum = len(loader), row.accum_steps
     loss_sum = torch.zeros((), device=rt.device)
     images_seen = timed_images = 0
     start = timed_start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not is_main_process())
+    bar = tqdm(total=steps, desc=f"epoch {row.epoch}", leave=False, dynamic_ncols=True,
+               disable=not is_main_process())
     # DDP: accumulation micro-steps skip the gradient all-reduce; only the step that updates the weights syncs.
-    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    no_sync = getattr(run.train_module, "no_sync", contextlib.nullcontext)
     for step, (images, labels) in enumerate(loader):
         if step == _TIMING_WARMUP_STEPS:
             rt.synchronize()  # sync: start the throughput clock after warm-up (once per epoch)
             timed_start, timed_images = time.perf_counter(), images_seen
-        set_lr(optimizer, lr_at((epoch + step / steps) / cfg.epochs, batch_size, cfg))
+        set_lr(run.optimizer, run.plan.lr(row.epoch, step, steps))
         updates = (step + 1) % accum == 0 or step + 1 == steps
         with contextlib.nullcontext() if updates else no_sync():
             with rt.autocast():
-                loss = F.cross_entropy(forward(images), labels, label_smoothing=cfg.optim.label_smoothing)
-            scaler.scale(loss / accum).backward()
+                loss = F.cross_entropy(run.forward(images), labels, label_smoothing=cfg.optim.label_smoothing)
+            run.scaler.scale(loss / accum).backward()
         if updates:
             if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update()
+                run.scaler.unscale_(run.optimizer)
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.ema is not None:
+                run.ema.update()
         loss_sum += loss.detach()
         images_seen += labels.shape[0]
         bar.update()
@@ -179,6 +125,19 @@ def evaluate(forward, model, loader, rt: Runtime, per_rank_batch: int, tta_flip:
     return {"val_loss": loss / count, "val_top1": top1 / count, "val_top5": top5 / count, "val_images": int(count)}
 
 
+def validate_epoch(run: Training) -> dict:
+    """The epoch's validation figures: the model's, and the EMA model's under `ema_` names."""
+    per_rank_batch = run.plan.val_batch_size // run.env.world_size
+    # sync: once per epoch, so every rank evaluates (and rank 0 saves) the same BatchNorm statistics
+    average_buffers(run.model)
+    val = evaluate(run.forward, run.train_module, run.val_loader, run.rt, per_rank_batch, run.cfg.runtime.tta_flip)
+    if run.ema is not None:
+        ema_val = evaluate(run.ema_forward, run.ema.module, run.val_loader, run.rt, per_rank_batch,
+                           run.cfg.runtime.tta_flip)
+        val.update({f"ema_{key}": value for key, value in ema_val.items() if key != "val_images"})
+    return val
+
+
 def fit(cfg: Config, resume_from: Path | None = None) -> dict:
     """Train per the config; returns the last epoch's metrics record. Under torchrun, each process trains its shard
     of the data with DDP. `resume_from`: a checkpoint (last.pt) to continue from, exactly where it stopped."""
@@ -197,116 +156,56 @@ def _quiet(*args, **kwargs) -> None:
     """`print` of the ranks other than 0."""
 
 
-def _restore(state: dict, model, optimizer, scaler, ema: ModelEma | None) -> None:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if ema is not None and "ema" in state:
-        ema.module.load_state_dict(state["ema"]["module"])
-        ema.updates = state["ema"]["updates"]
-    restore_rng_state(state["rng"])
-
-
 def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None) -> dict:
     say = print if env.is_main else _quiet
     seed_everything(cfg.runtime.seed)
-    if cfg.optim.batch_size % cfg.optim.accum_steps or any(
-        batch_size_at(e, cfg) % cfg.optim.accum_steps for e in range(cfg.epochs)
-    ):
-        raise UserError("config: every batch size must be divisible by 'optim.accum_steps'")
+    plan = build_plan(cfg)
     state = load_checkpoint(resume_from) if resume_from is not None else None
     start_epoch = state["epoch"] + 1 if state else 0
-    if start_epoch >= cfg.epochs:
-        raise UserError(f"{resume_from}: the run already finished its {cfg.epochs} epochs")
+    if start_epoch >= plan.epochs:
+        raise UserError(f"{resume_from}: the run already finished its {plan.epochs} epochs")
     out_dir = make_run_dir(cfg) if env.is_main else None
     if env.is_main:
         save_config(cfg, out_dir / "config.yaml")
         if state:
             remove_partial_writes(out_dir)
-    train_loader, val_loader = build_loaders(cfg, rt, env)
-    num_classes = cfg.data.num_classes or len(train_loader.classes)
-
-    def make_model():
-        return build_model(cfg.model.arch, num_classes, cfg.model.width, cfg.model.zero_init_residual,
-                           cfg.model.blurpool)
-
-    model = make_model()
-    if cfg.model.sync_bn and env.world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # Order: device and memory format first, then DDP (its buckets follow the final parameters), then compile.
-    memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-    model = model.to(rt.device, memory_format=memory_format)
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
-    ema = ModelEma(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-    if state:
-        _restore(state, model, optimizer, scaler, ema)
-    ddp_model = wrap_ddp(model, env, rt.device, cfg.runtime.ddp_bucket_mb, cfg.runtime.ddp_static_graph)
-    forward = compile_forward(lambda images: ddp_model(normalize(images)), rt, cfg.runtime.compile_backend,
-                              distinct_compiled_shapes(cfg))
-    if ema is not None:  # the EMA model gets its own eval graph
-        ema_forward = compile_forward(lambda images: ema.module(normalize(images)), rt, cfg.runtime.compile_backend,
-                                      distinct_compiled_shapes(cfg))
-    flops = TrainFlops(make_model)
+    run = build_training(cfg, plan, rt, env, state)
+    keeper = CheckpointKeeper(out_dir, cfg.runtime.keep_best, state.get("best_ranking") if state else None)
+    del state  # restored into the model: no second copy of the weights for the whole run
     peak = peak_tflops(rt.device, rt.precision, cfg.runtime.peak_tflops)
 
-    say(f"run directory: {out_dir}" + (f" (resuming at epoch {start_epoch})" if state else ""))
+    say(f"run directory: {out_dir}" + (f" (resuming at epoch {start_epoch})" if start_epoch else ""))
     say(f"device {rt.device} x {env.world_size} process(es), precision {rt.precision}, compile {rt.compile}, "
-        f"loader {cfg.loader.name}, {len(train_loader.classes)} classes, model {cfg.model.arch}")
-    say(schedule_table(cfg))
-    keeper = CheckpointKeeper(out_dir, cfg.runtime.keep_best, state.get("best_ranking") if state else None)
+        f"loader {cfg.loader.name}, {len(run.train_loader.classes)} classes, model {cfg.model.arch}")
+    say(plan.table())
     logger = RunLogger(out_dir, start_epoch) if env.is_main else None
     record = {}
-    val_batch = (cfg.data.val_batch_size or cfg.optim.batch_size) // env.world_size
     epoch = start_epoch
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            resolution, batch_size = resolution_at(epoch, cfg), batch_size_at(epoch, cfg)
-            train_loader.reconfigure(resolution, batch_size // cfg.optim.accum_steps)
-            train_loader.set_epoch(epoch)
+        for epoch in range(start_epoch, plan.epochs):
+            row = plan.rows[epoch]
+            # The epoch's resolution and batch size reach the decoder: batches come at this size from the start.
+            run.train_loader.reconfigure(row.resolution, row.micro_batch)
+            run.train_loader.set_epoch(epoch)
             if rt.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(rt.device)
-            result = train_one_epoch(forward, ddp_model, train_loader, optimizer, scaler, cfg, rt, epoch,
-                                     batch_size, ema)
-            average_buffers(model)  # sync: once per epoch, so every rank evaluates the same BN statistics
-            val = evaluate(forward, ddp_model, val_loader, rt, val_batch, cfg.runtime.tta_flip)
-            if ema is not None:
-                ema_val = evaluate(ema_forward, ema.module, val_loader, rt, val_batch, cfg.runtime.tta_flip)
-                val.update({f"ema_{key}": value for key, value in ema_val.items() if key != "val_images"})
-            skipped = all_reduce_sum(torch.tensor(float(len(train_loader.skipped) + len(val_loader.skipped)),
+            result = train_one_epoch(run, row)
+            val = validate_epoch(run)
+            skipped = all_reduce_sum(torch.tensor(float(len(run.train_loader.skipped) + len(run.val_loader.skipped)),
                                                   device=rt.device))
-            flops_per_image = flops.per_image(resolution)
-            record = {
-                "epoch": epoch,
-                "resolution": resolution,
-                "batch_size": batch_size,
-                "lr": lr_at((epoch + 1) / cfg.epochs, batch_size, cfg),
-                "train_loss": result.loss,
-                **val,
-                "images_per_s": result.images_per_s,
-                "epoch_time_s": result.seconds,
-                "tflops": flops_per_image * result.images_per_s / 1e12,  # achieved, all devices together
-                "skipped_files": int(skipped.item()),  # sync: once per epoch
-            }
-            utilisation = mfu(flops_per_image, result.images_per_s, peak, env.world_size)
-            if utilisation is not None:
-                record["mfu"] = utilisation
-            if rt.device.type == "cuda":
-                record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+            record = epoch_record(
+                row, result, val, lr_end=plan.lr_end(epoch), skipped_files=int(skipped.item()),  # sync: per epoch
+                flops_per_image=run.flops.per_image(row.resolution), peak_tflops=peak, devices=env.world_size,
+                gpu_mem_gib=torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None)
             keeper.rank(epoch, val["val_top1"])
             if env.is_main:
                 logger.log_epoch(record)
-                state = training_state(model, optimizer, scaler, epoch, keeper.best_top1(), to_dict(cfg),
-                                       best_ranking=keeper.ranking)
-                if ema is not None:
-                    state["ema"] = ema.state_dict()
-                keeper.save(state, epoch)
+                keeper.save(run.state(epoch, keeper.best_top1(), best_ranking=keeper.ranking), epoch)
     except KeyboardInterrupt:
         if env.is_main:
             # Mid-epoch weights for export; an exact resume continues from last.pt (the last finished epoch).
-            state = training_state(model, optimizer, scaler, epoch - 1, keeper.best_top1(), to_dict(cfg),
-                                   best_ranking=keeper.ranking, interrupted_in_epoch=epoch)
-            atomic_torch_save(state, out_dir / "interrupted.pt")
+            atomic_torch_save(run.state(epoch - 1, keeper.best_top1(), best_ranking=keeper.ranking,
+                                        interrupted_in_epoch=epoch), out_dir / "interrupted.pt")
             say(f"interrupted in epoch {epoch}: weights saved to {out_dir / 'interrupted.pt'}; "
                 f"continue with: fastimagenet train --resume {out_dir}")
         raise

@@ -1,12 +1,19 @@
-"""Loader backends behind one protocol. Backends are imported lazily: a missing optional package fails only when
-that backend is chosen, with the command that installs it."""
+"""Loader backends behind one protocol (loaders/base.py). Backends are imported lazily: a missing optional package
+fails only when that backend is chosen, with the command that installs it.
+
+This registry is the one list of backend names (the config and the command line take theirs from here), so it
+imports nothing else of the package: the config can read the names without importing any backend.
+"""
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from fastimagenet.errors import UserError
-from loaders.base import Loader, LoaderSpec
+
+if TYPE_CHECKING:
+    from loaders.base import Loader, LoaderSpec
 
 # name -> (module, class, how to install what it needs)
 _BACKENDS = {
@@ -46,5 +53,3 @@ def build_raw_pipeline(name: str, spec: LoaderSpec):
         raise UserError(f"the '{name}' loader has no raw-library baseline (only dali and ffcv do)")
     return module.raw_pipeline(spec)
 
-
-__all__ = ["Loader", "LoaderSpec", "NAMES", "build_loader", "build_raw_pipeline"]

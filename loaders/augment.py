@@ -1,6 +1,6 @@
-"""The augmentation every backend applies, described once.
+"""The augmentation every backend applies, described once by the `data.*` settings (DataConfig).
 
-Train: random-resized-crop (area fraction `scale`, aspect ratio `ratio`) then horizontal flip.
+Train: random-resized-crop (area fraction `data.scale`, aspect ratio `data.ratio`) then horizontal flip.
 Eval: resize the shorter side to resolution / crop_ratio, then take the centre crop of side `resolution`;
 that is the same as resizing a centred square of side `crop_ratio * shorter side`, which is how we compute it.
 Boxes are (left, top, right, bottom) in source-image pixels, so a backend can crop before or during decode.
@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
 from fastimagenet.config import DataConfig
-
-
-@dataclass(frozen=True)
-class Augment:
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-    crop_ratio: float = 224 / 256
-
-    @classmethod
-    def from_config(cls, data: DataConfig) -> "Augment":
-        return cls(scale=data.scale, ratio=data.ratio, flip=data.flip, crop_ratio=data.crop_ratio)
-
 
 Box = tuple[float, float, float, float]
 
 
-def random_resized_crop_box(width: int, height: int, aug: Augment, rng: random.Random) -> Box:
+def random_resized_crop_box(width: int, height: int, aug: DataConfig, rng: random.Random) -> Box:
     """A random crop of the given area fraction and aspect ratio; after 10 misses, the largest centred crop whose
     aspect ratio is within bounds (the sampling rule torchvision, FFCV and DALI share)."""
     area = width * height

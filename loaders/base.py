@@ -9,9 +9,8 @@ from typing import Iterator, Protocol
 
 import torch
 
-from fastimagenet.config import LoaderConfig
+from fastimagenet.config import DataConfig, LoaderConfig
 from fastimagenet.errors import UserError
-from loaders.augment import Augment
 
 
 class Loader(Protocol):
@@ -42,7 +41,7 @@ class LoaderSpec:
     resolution: int
     batch_size: int  # global batch; each rank gets batch_size // world_size
     device: torch.device
-    augment: Augment
+    augment: DataConfig  # scale, ratio, flip, crop_ratio: the augmentation (loaders/augment.py)
     options: LoaderConfig
     seed: int = 0
     strict: bool = False
@@ -75,11 +74,15 @@ def cpus_per_process() -> int:
         available = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         available = os.cpu_count() or 1
+    return max(1, available // local_world_size())
+
+
+def local_world_size() -> int:
+    """Processes of this node (torchrun's LOCAL_WORLD_SIZE): they share its CPUs and its /dev/shm."""
     try:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        local_world = 1
-    return max(1, available // max(1, local_world))
+        return 1
 
 
 def check_batch_fits(batch_size: int, samples: int, what: str) -> None:

@@ -23,8 +23,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, fee
 
 from dataset_tools.scan import scan_image_folder
 from dataset_tools.verify import verified_samples
+from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
-from loaders.augment import Augment
 from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
 
 # What DALI's image decoders read, as PIL names the formats (GIF, for one, is not among them).
@@ -32,14 +32,9 @@ DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000
 
 
 def decode_device(spec: LoaderSpec) -> str:
-    """'mixed' (nvJPEG, output on the GPU) or 'cpu', from loader.dali.device; rejects option values DALI would
-    only fail on later, deep inside the pipeline."""
-    options = spec.options.dali
-    if options.prefetch < 1 or options.threads < 0 or not 0 <= options.hw_decoder_load <= 1:
-        raise UserError(f"config: need loader.dali.prefetch >= 1, loader.dali.threads >= 0 and "
-                        f"0 <= loader.dali.hw_decoder_load <= 1, got {options.prefetch}, {options.threads}, "
-                        f"{options.hw_decoder_load}")
-    choice = options.device
+    """'mixed' (nvJPEG, output on the GPU) or 'cpu', from loader.dali.device (its option ranges are checked with
+    the rest of the config)."""
+    choice = spec.options.dali.device
     if choice == "auto":
         return "mixed" if spec.device.type == "cuda" else "cpu"
     if choice == "gpu" and not torch.cuda.is_available():
@@ -47,7 +42,7 @@ def decode_device(spec: LoaderSpec) -> str:
     return "mixed" if choice == "gpu" else "cpu"
 
 
-def augmented(encoded, train: bool, resolution: int, augment: Augment, device: str, hw_decoder_load: float):
+def augmented(encoded, train: bool, resolution: int, augment: DataConfig, device: str, hw_decoder_load: float):
     """The DALI graph of our augmentation (loaders/augment.py) from encoded bytes to HWC uint8 RGB."""
     decoder = dict(device=device, output_type=types.RGB)
     if device == "mixed":

@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dataset_tools.scan import scan_image_folder
+from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
-from loaders.augment import Augment, center_crop_box, random_resized_crop_box, sample_rng
+from loaders.augment import center_crop_box, random_resized_crop_box, sample_rng
 from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
 from loaders.image_decode import decode_crop, single_threaded_worker
 
@@ -30,7 +31,7 @@ _SUBSTITUTE_TRIES = 16
 class _FolderDataset(Dataset):
     """Decodes one request (index, resolution, epoch) into an image; never raises on a bad file."""
 
-    def __init__(self, samples: list[tuple[str, int]], augment: Augment, train: bool, seed: int):
+    def __init__(self, samples: list[tuple[str, int]], augment: DataConfig, train: bool, seed: int):
         self.samples, self.augment, self.train, self.seed = samples, augment, train, seed
 
     def __len__(self) -> int:

@@ -9,11 +9,27 @@ import torch
 from PIL import Image
 
 from dataset_tools.synthetic_jpegs import make_jpeg_folder
-from fastimagenet.config import LoaderConfig
-from loaders.augment import Augment
+from fastimagenet.cli import main
+from fastimagenet.config import DataConfig, LoaderConfig
+from fastimagenet.metrics import read_metrics
 from loaders.base import LoaderSpec
 
 torch.set_num_threads(2)
+
+# The network of every end-to-end test: trains in seconds on 2 cores. Test files add their schedule settings.
+TINY_RUN = ["model.arch=resnet10_small", "model.width=8", "runtime.compile=false", "runtime.device=cpu",
+            "loader.workers=1", "data.scale=0.35,1"]
+# A short run that learns the 4 classes of `jpeg_dataset` well above chance.
+LEARNING_RUN = [*TINY_RUN, "optim.lr=0.8", "optim.label_smoothing=0", "schedule.lr=onecycle", "schedule.peak=0.2",
+                "data.val_resolution=32"]
+
+
+def train(loader, data, out_dir, *extra) -> list[dict]:
+    """`fastimagenet train` on data/{train,val} with LEARNING_RUN + extra; returns metrics.jsonl's records."""
+    args = ["train", "--loader", loader, f"data.train={data / 'train'}", f"data.val={data / 'val'}",
+            f"runtime.out_dir={out_dir}", *LEARNING_RUN, *extra]
+    assert main(args) == 0
+    return read_metrics(out_dir)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -56,7 +72,16 @@ def folder_with_bad_files(jpeg_dataset, tmp_path):
     return root
 
 
+def data_path(name, folder, tmp_path):
+    """What a backend reads for an ImageFolder `folder`: the folder itself, or a .beton converted from it."""
+    if name != "ffcv":
+        return folder
+    from dataset_tools.convert import convert_folder
+
+    return convert_folder(folder, tmp_path / f"{folder.name}.beton")
+
+
 def make_spec(path, train=True, resolution=32, batch_size=4, workers=1, name="torchvision", **kwargs) -> LoaderSpec:
     return LoaderSpec(path=str(path), train=train, resolution=resolution, batch_size=batch_size,
-                      device=torch.device("cpu"), augment=Augment(), options=LoaderConfig(name=name, workers=workers),
+                      device=torch.device("cpu"), augment=DataConfig(), options=LoaderConfig(name=name, workers=workers),
                       **kwargs)

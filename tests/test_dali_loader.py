@@ -14,8 +14,7 @@ import loaders
 from dataset_tools import verify
 from fastimagenet.config import DaliOptions, LoaderConfig
 from fastimagenet.errors import UserError
-from tests.conftest import make_spec
-from tests.test_train import train
+from tests.conftest import make_spec, train
 
 pytest.importorskip("nvidia.dali")
 

@@ -10,11 +10,9 @@ import pytest
 import loaders
 from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
 from fastimagenet.bench import bench_loader
-from fastimagenet.config import FfcvOptions, LoaderConfig
+from fastimagenet.config import DataConfig, FfcvOptions, LoaderConfig
 from fastimagenet.errors import UserError
-from loaders.augment import Augment
-from tests.conftest import make_spec
-from tests.test_train import train
+from tests.conftest import make_spec, train
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,7 @@ def test_val_pixels_match_the_source_images(one_per_class, tmp_path):
     """Centre crop with crop_ratio 1 at the image's own size is the whole image: the decoded batch is the file."""
     beton = convert_folder(one_per_class, tmp_path / "v.beton", write_mode="raw", workers=1)
     spec = dataclasses.replace(ffcv_spec(beton, train=False, resolution=36, batch_size=16),
-                               augment=Augment(crop_ratio=1.0))
+                               augment=DataConfig(crop_ratio=1.0))
     images, labels = next(iter(loaders.build_loader("ffcv", spec)))
     assert labels.tolist() == list(range(16))
     for image, path in zip(images, sorted(one_per_class.glob("*/*"))):

@@ -6,19 +6,10 @@ import pytest
 import torch
 
 import loaders
-from tests.conftest import make_spec
+from tests.conftest import data_path, make_spec
 
 # Backends that read labelled data; `synthetic` has random content and is checked for shape only.
 DATA_BACKENDS = ["torchvision", "dali", "ffcv"]
-
-
-def data_path(name, folder, tmp_path):
-    """What a backend reads for an ImageFolder `folder`: the folder itself, or a .beton converted from it."""
-    if name != "ffcv":
-        return folder
-    from dataset_tools.convert import convert_folder
-
-    return convert_folder(folder, tmp_path / f"{folder.name}.beton")
 
 
 def labels_of(loader) -> list[int]:

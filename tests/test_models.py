@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from fastimagenet.errors import UserError
-from fastimagenet.models import ARCHS, build_model, normalize
+from fastimagenet.config import load_config
+from fastimagenet.models import ARCHS, Normalized, build_model
 from fastimagenet.optim import param_groups
 
 
@@ -37,7 +38,7 @@ def test_width_is_only_for_small_archs_and_unknown_arch_is_an_error():
     with pytest.raises(UserError, match="'model.width' applies to the \\*_small archs"):
         build_model("resnet18", 10, width=32)
     with pytest.raises(UserError, match="'model.arch' must be one of"):
-        build_model("resnet5O", 10)
+        load_config(None, ["model.arch=resnet5O"])
 
 
 def test_no_weight_decay_on_norm_layers_and_biases():
@@ -52,6 +53,6 @@ def test_no_weight_decay_on_norm_layers_and_biases():
 
 def test_normalize_keeps_channels_last():
     images = torch.full((2, 32, 32, 3), 124, dtype=torch.uint8).permute(0, 3, 1, 2)
-    out = normalize(images)
+    out = Normalized(nn.Identity())(images)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     assert abs(float(out[0, 0, 0, 0])) < 0.01  # 124 ~ the red channel mean

@@ -15,7 +15,8 @@ from fastimagenet.config import CONFIGS_DIR, _flatten, load_config
 from fastimagenet.errors import UserError
 from fastimagenet.metrics import read_metrics
 from fastimagenet.recipes import REFERENCE_LABEL, list_recipes, markdown_table, read_recipe
-from fastimagenet.schedules import lr_at, resolution_at, schedule_table, val_resolution
+from fastimagenet.plan import build_plan
+from fastimagenet.schedules import lr_at
 
 RECIPES = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -28,9 +29,10 @@ def test_the_promised_recipes_exist():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_resolves_and_prints_its_schedule(name):
     cfg = load_config(name)
-    table = schedule_table(cfg).splitlines()
+    plan = build_plan(cfg)
+    table = plan.table().splitlines()
     assert len(table) == cfg.epochs + 2  # header, one row per epoch, eval resolution
-    assert table[-1] == f"eval at {val_resolution(cfg)} px"
+    assert table[-1] == f"eval at {plan.val_resolution} px"
     assert read_recipe(CONFIGS_DIR / f"{name}.yaml").description
 
 
@@ -63,7 +65,8 @@ def test_rn50_18ep_is_the_speedrun_recipe():
     cfg = load_config("rn50_18ep")
     assert (cfg.model.arch, cfg.model.blurpool, cfg.epochs, cfg.runtime.tta_flip) == ("resnet50", True, 18, True)
     assert cfg.optim.label_smoothing > 0 and cfg.schedule.lr == "linear_ramp"
-    assert (resolution_at(0, cfg), resolution_at(cfg.epochs - 1, cfg), val_resolution(cfg)) == (160, 192, 256)
+    plan = build_plan(cfg)
+    assert (plan.rows[0].resolution, plan.rows[-1].resolution, plan.val_resolution) == (160, 192, 256)
 
 
 # Keys that only matter under some other setting: a recipe that sets one without that setting is silently ignored.
@@ -101,7 +104,7 @@ def test_recipes_leave_precision_and_compile_to_the_hardware_presets(name):
 @pytest.mark.parametrize("epochs", [16, 18, 40, 88])
 def test_rn50_18ep_serves_other_lengths_by_fractions(epochs):
     cfg = load_config("rn50_18ep", [f"epochs={epochs}"])
-    resolutions = [resolution_at(e, cfg) for e in range(epochs)]
+    resolutions = [row.resolution for row in build_plan(cfg).rows]
     assert resolutions[0] == 160 and resolutions[-1] == 192 and resolutions == sorted(resolutions)
     assert 0.7 < resolutions.index(192) / epochs < 0.86  # the 192 px stage starts at the same point of the run
     lrs = [lr_at(e / epochs, 1024, cfg) for e in range(epochs)]

@@ -15,9 +15,9 @@ import torch
 from fastimagenet.checkpoint import CheckpointKeeper
 from fastimagenet.cli import main
 from fastimagenet.metrics import read_metrics
+from tests.conftest import TINY_RUN
 
-TINY = ["model.arch=resnet10_small", "model.width=8", "runtime.compile=false", "runtime.device=cpu",
-        "optim.lr=0.8", "schedule.lr=onecycle", "loader.workers=1", "data.scale=0.35,1", "data.val_resolution=32",
+TINY = [*TINY_RUN, "optim.lr=0.8", "schedule.lr=onecycle", "data.val_resolution=32",
         "schedule.stages=0,24,16;2,32,16", "runtime.keep_best=2", "optim.ema_decay=0.9"]
 
 

@@ -1,35 +1,39 @@
-"""Schedules are pure functions of the epoch / run progress."""
+"""Schedules are pure functions of the epoch / run progress, evaluated once into the run's plan."""
 
 from __future__ import annotations
 
 import pytest
 
 from fastimagenet.config import load_config
-from fastimagenet.schedules import batch_size_at, lr_at, lr_factor, resolution_at, schedule_table, val_resolution
+from fastimagenet.plan import build_plan
+from fastimagenet.schedules import lr_at, lr_factor
 
 
 def test_ramp_is_rounded_to_the_step_and_spans_the_fractions():
     cfg = load_config(None, ["epochs=16", "schedule.min_resolution=160", "schedule.max_resolution=192",
                              "schedule.ramp_start=0.5", "schedule.ramp_end=0.75", "schedule.resolution_step=32"])
-    resolutions = [resolution_at(e, cfg) for e in range(16)]
+    plan = build_plan(cfg)
+    resolutions = [row.resolution for row in plan.rows]
     assert resolutions[:9] == [160] * 9 and resolutions[12:] == [192] * 4
     assert all(r % 32 == 0 for r in resolutions)
-    assert val_resolution(cfg) == 192
+    assert plan.val_resolution == 192
 
 
 def test_ramp_scales_with_the_run_length():
     for epochs in (16, 40, 88):
         cfg = load_config(None, [f"epochs={epochs}", "schedule.min_resolution=128", "schedule.max_resolution=192",
                                  "schedule.ramp_start=0.25", "schedule.ramp_end=0.75"])
-        assert resolution_at(0, cfg) == 128 and resolution_at(epochs - 1, cfg) == 192
+        rows = build_plan(cfg).rows
+        assert rows[0].resolution == 128 and rows[epochs - 1].resolution == 192
 
 
 def test_explicit_stages_set_resolution_and_batch():
     cfg = load_config(None, ["epochs=6", "schedule.stages=0,128,512;2,160,256;5,192,128", "data.val_resolution=224"])
-    assert [resolution_at(e, cfg) for e in range(6)] == [128, 128, 160, 160, 160, 192]
-    assert [batch_size_at(e, cfg) for e in range(6)] == [512, 512, 256, 256, 256, 128]
-    assert val_resolution(cfg) == 224
-    assert "eval at 224 px" in schedule_table(cfg)
+    plan = build_plan(cfg)
+    assert [row.resolution for row in plan.rows] == [128, 128, 160, 160, 160, 192]
+    assert [row.batch_size for row in plan.rows] == [512, 512, 256, 256, 256, 128]
+    assert plan.val_resolution == 224
+    assert "eval at 224 px" in plan.table()
 
 
 def test_lr_is_per_256_images():

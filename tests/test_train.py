@@ -10,18 +10,7 @@ import pytest
 import torch
 
 from fastimagenet.cli import main
-from fastimagenet.metrics import read_metrics
-
-TINY = ["model.arch=resnet10_small", "model.width=8", "runtime.compile=false", "optim.lr=0.8",
-        "optim.label_smoothing=0", "schedule.lr=onecycle", "schedule.peak=0.2", "loader.workers=1",
-        "data.scale=0.35,1", "data.val_resolution=32"]
-
-
-def train(loader, data, out_dir, *extra):
-    args = ["train", "--loader", loader, f"data.train={data / 'train'}", f"data.val={data / 'val'}",
-            f"runtime.out_dir={out_dir}", *TINY, *extra]
-    assert main(args) == 0
-    return read_metrics(out_dir)
+from tests.conftest import train
 
 
 def test_tiny_run_learns_with_progressive_resizing(jpeg_dataset, tmp_path):

@@ -20,11 +20,12 @@ from fastimagenet.lr_find import lr_range_test, suggest_lr
 from fastimagenet.metrics import read_metrics
 from fastimagenet.models import build_model
 from fastimagenet.runtime import resolve_runtime
-from fastimagenet.schedules import schedule_table
-from fastimagenet.train import build_loaders, evaluate
+from fastimagenet.plan import build_plan
+from fastimagenet.train import evaluate
+from fastimagenet.training_setup import build_loaders
+from tests.conftest import TINY_RUN
 
-TINY = ["model.arch=resnet10_small", "model.width=16", "runtime.compile=false", "runtime.device=cpu",
-        "loader.workers=1", "optim.lr=0.8", "schedule.lr=onecycle", "schedule.peak=0.2", "data.scale=0.35,1"]
+TINY = [*TINY_RUN, "model.width=16", "optim.lr=0.8", "schedule.lr=onecycle", "schedule.peak=0.2"]
 
 
 def tiny_cfg(data, *extra):
@@ -127,10 +128,10 @@ def test_flip_tta_scores_the_sum_of_the_image_and_its_mirror():
 
 def test_val_resolution_differs_from_the_last_training_resolution(jpeg_dataset):
     cfg = tiny_cfg(jpeg_dataset, "epochs=2", "schedule.stages=0,24,8;1,32,8", "data.val_resolution=48")
-    train_loader, val_loader = build_loaders(cfg, resolve_runtime(cfg))
+    train_loader, val_loader = build_loaders(cfg, build_plan(cfg), resolve_runtime(cfg))
     assert next(iter(train_loader))[0].shape[-2:] == (24, 24)
     assert next(iter(val_loader))[0].shape[-2:] == (48, 48)
-    assert schedule_table(cfg).splitlines()[-1] == "eval at 48 px"
+    assert build_plan(cfg).table().splitlines()[-1] == "eval at 48 px"
 
 
 # ---------------------------------------------------------------------------------------------- lr-find

@@ -1,0 +1,106 @@
+"""Everything a run trains with, built once from the config and the plan: loaders, model, DDP wrapper, compiled
+forward, optimizer, gradient scaler and EMA. `train` and `lr-find` both start here, so they train the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+import loaders
+from fastimagenet.checkpoint import restore_rng_state, training_state
+from fastimagenet.config import Config, to_dict
+from fastimagenet.distributed import DistEnv, wrap_ddp
+from fastimagenet.ema import ModelEma
+from fastimagenet.flops import TrainFlops
+from fastimagenet.models import Normalized, build_model
+from fastimagenet.optim import build_optimizer
+from fastimagenet.plan import Plan
+from fastimagenet.runtime import Runtime, compile_module
+from loaders.base import Loader, LoaderSpec
+
+
+@dataclass
+class Training:
+    cfg: Config
+    plan: Plan
+    rt: Runtime
+    env: DistEnv
+    model: nn.Module  # the bare network: what checkpoints and exports hold, and whose BN statistics are averaged
+    train_module: nn.Module  # what trains: normalisation + model, inside DDP under torchrun (its no_sync lives here)
+    forward: Callable  # train_module, compiled when runtime.compile is on
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+    ema_forward: Callable | None  # the EMA model's own (compiled) forward, for its evaluation
+    train_loader: Loader
+    val_loader: Loader | None
+    flops: TrainFlops
+
+    def state(self, epoch: int, best_top1: float, **extra) -> dict:
+        """A checkpoint of the run as of the end of `epoch`."""
+        state = training_state(self.model, self.optimizer, self.scaler, epoch, best_top1, to_dict(self.cfg), **extra)
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+
+def build_loaders(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(),
+                  with_val: bool = True) -> tuple[Loader, Loader | None]:
+    """The train loader decides the classes; the val loader reuses them so labels agree. Batch sizes are global:
+    each backend shards the data by rank and gives every rank its share of the batch."""
+    common = dict(device=rt.device, augment=cfg.data, options=cfg.loader, seed=cfg.runtime.seed,
+                  strict=cfg.data.strict, num_classes=cfg.data.num_classes, rank=env.rank,
+                  world_size=env.world_size)
+    first = plan.rows[0]
+    train = loaders.build_loader(cfg.loader.name, LoaderSpec(path=cfg.data.train, train=True,
+                                                             resolution=first.resolution,
+                                                             batch_size=first.micro_batch, **common))
+    if not with_val:
+        return train, None
+    val = loaders.build_loader(cfg.loader.name, LoaderSpec(path=cfg.data.val, train=False,
+                                                           resolution=plan.val_resolution,
+                                                           batch_size=plan.val_batch_size, classes=train.classes,
+                                                           **common))
+    return train, val
+
+
+def build_training(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(), state: dict | None = None,
+                   with_val: bool = True) -> Training:
+    """`state`: a checkpoint to continue from (weights, optimizer, scaler, EMA and RNG are restored from it)."""
+    train_loader, val_loader = build_loaders(cfg, plan, rt, env, with_val)
+    num_classes = cfg.data.num_classes or len(train_loader.classes)
+
+    def make_model():
+        return build_model(cfg.model.arch, num_classes, cfg.model.width, cfg.model.zero_init_residual,
+                           cfg.model.blurpool)
+
+    model = make_model()
+    if cfg.model.sync_bn and env.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Order: device and memory format first, then DDP (its buckets follow the final parameters), then compile.
+    memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+    model = model.to(rt.device, memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+    ema = ModelEma(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    if state is not None:  # before DDP, which starts every rank from rank 0's weights
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        restore_rng_state(state["rng"])
+    train_module = wrap_ddp(Normalized(model).to(rt.device), env, rt.device, cfg.runtime.ddp_bucket_mb,
+                            cfg.runtime.ddp_static_graph)
+    forward = compile_module(train_module, rt, cfg.runtime.compile_backend, plan.compiled_shapes)
+    ema_forward = None
+    if ema is not None:  # the EMA model gets its own eval graph
+        ema_forward = compile_module(Normalized(ema.module).to(rt.device), rt, cfg.runtime.compile_backend,
+                                     plan.compiled_shapes)
+    return Training(cfg=cfg, plan=plan, rt=rt, env=env, model=model, train_module=train_module, forward=forward,
+                    optimizer=optimizer, scaler=scaler, ema=ema, ema_forward=ema_forward,
+                    train_loader=train_loader, val_loader=val_loader, flops=TrainFlops(make_model))
