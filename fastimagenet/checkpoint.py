@@ -121,8 +121,14 @@ class CheckpointKeeper:
 
     def save(self, state: dict, epoch: int) -> None:
         """Call after `rank(epoch, ...)`, with a state that carries the new ranking."""
+        atomic_torch_save(state, self.run_dir / "last.pt")
+        self.link_best(epoch)
+
+    def link_best(self, epoch: int) -> None:
+        """Give last.pt (the checkpoint of `epoch`) its best-epoch names and drop the epochs no longer ranked.
+        Idempotent: a resume calls it again for the checkpoint it continues from, finishing links that a kill
+        between writing last.pt and linking it left undone."""
         last = self.run_dir / "last.pt"
-        atomic_torch_save(state, last)
         kept = {e for _, e in self.ranking}
         if epoch not in kept:
             return

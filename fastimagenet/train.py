@@ -172,6 +172,8 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None) -> di
     run = build_training(cfg, plan, rt, env, state)
     keeper = CheckpointKeeper(out_dir, cfg.runtime.keep_best, state.get("best_ranking") if state else None)
     del state  # restored into the model: no second copy of the weights for the whole run
+    if start_epoch and env.is_main:
+        keeper.link_best(start_epoch - 1)
     peak = peak_tflops(rt.device, rt.precision, cfg.runtime.peak_tflops)
 
     say(f"run directory: {out_dir}" + (f" (resuming at epoch {start_epoch})" if start_epoch else ""))

@@ -47,10 +47,33 @@ def test_typo_in_recipe_names_the_file(tmp_path):
     ("schedule.stages=1,64,8", "must start at epoch 0"),
     ("schedule.stages=0,64", "is not 'epoch,resolution,batch'"),
     ("optim", "expected key=value"),
+    # Checks that need no hardware all run when the config is loaded, not once a run starts:
+    ("loader.dali.prefetch=0", "need loader.dali.prefetch >= 1"),
+    ("model.arch=resnet19", "'model.arch' must be one of .*did you mean 'resnet18'"),
+    ("model.width=32", "'model.width' applies to the \\*_small archs"),
+    ("optim.accum_steps=3", "must be divisible by 'optim.accum_steps' \\(3\\)"),
 ])
 def test_impossible_values_name_the_key(override, message):
     with pytest.raises(UserError, match=message):
         load_config(None, [override])
+
+
+def test_recipes_command_checks_the_whole_config(capsys):
+    from fastimagenet.cli import main
+
+    assert main(["recipes", "rn50_18ep", "loader.dali.prefetch=0"]) == 2
+    assert "loader.dali.prefetch >= 1" in capsys.readouterr().err
+
+
+def test_stages_are_parsed_once_from_a_string_or_a_yaml_list(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("description: x\nepochs: 20\nschedule:\n  stages: [[0, 160, 1024], [11, 192, 768]]\n")
+    from_list = load_config(str(recipe)).schedule.stages
+    from_text = load_config(None, ["epochs=20", "schedule.stages=0,160,1024;11,192,768"]).schedule.stages
+    assert from_list == from_text == ((0, 160, 1024), (11, 192, 768))
+    assert from_list[1].resolution == 192 and from_list[1].batch == 768
+    with pytest.raises(UserError, match="'schedule.stages' entry \\[0, 160\\] is not 'epoch,resolution,batch'"):
+        load_config(None, ["epochs=20", "schedule.stages=[[0, 160]]"])
 
 
 def test_unknown_recipe_lists_the_recipes():

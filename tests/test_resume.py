@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from fastimagenet.checkpoint import CheckpointKeeper
+from fastimagenet.checkpoint import CheckpointKeeper, atomic_torch_save
 from fastimagenet.cli import main
 from fastimagenet.metrics import read_metrics
 from tests.conftest import TINY_RUN
@@ -95,6 +95,20 @@ def test_best_k_keeps_the_best_epochs_and_best_pt_points_at_the_top(tmp_path):
     assert keeper.ranking == [(0.7, 1), (0.7, 3)]  # a tie keeps the earlier epoch first
     assert torch.load(tmp_path / "best.pt")["epoch"] == 1
     assert torch.load(tmp_path / "last.pt")["epoch"] == 4
+
+
+def test_a_kill_between_last_pt_and_its_best_link_is_mended_on_resume(tmp_path):
+    """last.pt of a best epoch was written, then the process died before linking it as best-epochNNN.pt: the
+    resumed keeper links it from last.pt (still that epoch's checkpoint) before training on."""
+    keeper = CheckpointKeeper(tmp_path, keep_best=2)
+    keeper.rank(0, 0.5)
+    keeper.save({"epoch": 0}, 0)
+    keeper.rank(1, 0.9)
+    atomic_torch_save({"epoch": 1, "best_ranking": keeper.ranking}, tmp_path / "last.pt")  # killed here
+    resumed = CheckpointKeeper(tmp_path, 2, torch.load(tmp_path / "last.pt")["best_ranking"])
+    resumed.link_best(1)
+    assert torch.load(tmp_path / "best-epoch001.pt")["epoch"] == 1 and torch.load(tmp_path / "best.pt")["epoch"] == 1
+    assert (tmp_path / "best-epoch000.pt").is_file()  # still among the 2 best
 
 
 def test_resume_refuses_what_it_cannot_continue(jpeg_dataset, tmp_path, capsys):
