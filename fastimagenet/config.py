@@ -56,7 +56,7 @@ class DaliOptions:
 @dataclass
 class FfcvOptions:
     order: str = "random"  # random | quasi_random
-    os_cache: bool = False  # memory-map the whole file (when it fits in RAM) instead of reading per batch
+    os_cache: bool = True  # memory-map the file (OS page cache, shared by the processes); false: per-process pages
 
 
 @dataclass
@@ -386,6 +386,12 @@ def validate(cfg: Config) -> None:
                         f"0 <= loader.dali.hw_decoder_load <= 1, got {dali.prefetch}, {dali.threads}, "
                         f"{dali.hw_decoder_load}")
     check_model_options(cfg.model.arch, cfg.model.width, cfg.model.blurpool)
+    if not cfg.loader.ffcv.os_cache and cfg.loader.ffcv.order != "quasi_random":
+        # without the OS cache FFCV holds every page from the first to the last batch that needs it, which in a
+        # random order is about the whole file, in every process
+        raise UserError("config: 'loader.ffcv.os_cache=false' needs 'loader.ffcv.order=quasi_random' (with "
+                        f"'loader.ffcv.order={cfg.loader.ffcv.order}' each process would hold about the whole file "
+                        "in memory); keep loader.ffcv.os_cache=true or set loader.ffcv.order=quasi_random")
 
 
 def _validate_stages(stages: tuple[Stage, ...], epochs: int) -> None:

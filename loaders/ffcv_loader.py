@@ -12,6 +12,8 @@
   distributed mode does not support.
 - As in FFCV, a batch lives in a buffer that is reused a few batches later: consume it before asking for more
   (the training loop does).
+- FFCV's epoch thread is given the loader's GPU as its current device (_DeviceEpochIterator), so a torchrun
+  process never opens a CUDA context on another process's GPU.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader as _FfcvLoader
 from ffcv.loader import OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -63,8 +68,13 @@ def _pipelines(spec: LoaderSpec, decoder) -> dict:
 
 
 def _ffcv_loader(spec: LoaderSpec, path: Path, decoder, order: OrderOption, os_cache: bool) -> _FfcvLoader:
+    workers = spec.workers()
+    if workers > numba.config.NUMBA_NUM_THREADS:  # FFCV hands its thread count to numba.set_num_threads
+        raise UserError(f"loader.workers={workers}: FFCV decodes in numba's pool of NUMBA_NUM_THREADS="
+                        f"{numba.config.NUMBA_NUM_THREADS} threads (the CPUs this process may use); lower "
+                        "loader.workers, or set NUMBA_NUM_THREADS")
     try:
-        return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=spec.workers(),
+        return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=workers,
                            os_cache=os_cache, order=order, seed=spec.seed,
                            drop_last=spec.train, pipelines=_pipelines(spec, decoder))
     except (AssertionError, ValueError, OSError, IndexError) as exc:
@@ -96,6 +106,33 @@ class _EpochOrder(TraversalOrder):
         else:
             order = epoch_order(len(self.indices), self.spec.seed, epoch, shuffle=self.spec.train)
         return rank_share(order, self.spec).numpy().astype(np.uint64)
+
+
+def _gpu_index(device: torch.device) -> int | None:
+    """The GPU a device names, read in the calling thread (an unnumbered "cuda" is that thread's current GPU, as for
+    `.to`); None for a CPU device, without touching CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+class _DeviceEpochIterator(EpochIterator):
+    """FFCV's epoch thread (it decodes and copies each batch to the GPU), made to use the loader's GPU first.
+
+    FFCV 1.0.2 runs each batch's copy under `torch.cuda.stream(s)` in this thread without setting a device, and a
+    new thread's current device is GPU 0: entering the context switches to the stream's GPU, and leaving it switches
+    back to GPU 0 (cudaSetDevice), which opens a CUDA context there (~0.5 GiB) in every torchrun process of rank > 0.
+    With the loader's GPU current from the start, the thread never leaves it.
+    """
+
+    def __init__(self, loader: _FfcvLoader, order: np.ndarray, device: torch.device):
+        self.gpu = _gpu_index(device)  # read here, in the caller's thread, where FFCV also makes its streams
+        super().__init__(loader, order)  # starts the thread
+
+    def run(self) -> None:
+        if self.gpu is not None:
+            torch.cuda.set_device(self.gpu)
+        super().run()
 
 
 class FfcvLoader:
@@ -134,7 +171,12 @@ class FfcvLoader:
         self._loader.batch_size = per_rank
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self._loader)
+        # FFCV's Loader.__iter__ (its code is generated once, when it is built), with our epoch thread
+        loader = self._loader
+        Compiler.set_num_threads(loader.num_workers)
+        order = loader.next_traversal_order()[: len(loader) * loader.batch_size]
+        loader.next_epoch += 1
+        return _DeviceEpochIterator(loader, order, self.spec.device)
 
 
 def raw_pipeline(spec: LoaderSpec) -> _FfcvLoader:

@@ -1,18 +1,29 @@
-"""The ffcv backend beyond the shared contract: per-epoch reconfiguration, orders, pixels, errors, a run that learns."""
+"""The ffcv backend beyond the shared contract: per-epoch reconfiguration, orders, pixels, errors, a run that learns,
+decode threads, the epoch thread's GPU."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
+import torch
+from ffcv.loader.epoch_iterator import EpochIterator
 
 import loaders
 from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
 from fastimagenet.bench import bench_loader
-from fastimagenet.config import DataConfig, FfcvOptions, LoaderConfig
+from fastimagenet.config import DataConfig, FfcvOptions, LoaderConfig, load_config
 from fastimagenet.errors import UserError
-from tests.conftest import make_spec, train
+from loaders.ffcv_loader import _gpu_index
+from tests.conftest import TINY_RUN, make_spec, train
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +50,7 @@ def test_reconfigure_reshapes_every_batch_of_the_next_epoch(betons):
 
 
 def test_quasi_random_order_is_deterministic_and_covers_every_sample(betons):
-    options = LoaderConfig(name="ffcv", workers=1, ffcv=FfcvOptions(order="quasi_random", os_cache=True))
+    options = LoaderConfig(name="ffcv", workers=1, ffcv=FfcvOptions(order="quasi_random", os_cache=False))
     orders = []
     for rank in range(2):
         spec = dataclasses.replace(ffcv_spec(betons / "train.beton", rank=rank, world_size=2), options=options)
@@ -94,3 +105,102 @@ def test_tiny_ffcv_run_learns_with_two_resolutions_and_batch_sizes(betons, tmp_p
     assert [m["resolution"] for m in metrics] == [24, 24, 32, 32, 32]
     assert [m["batch_size"] for m in metrics] == [16, 16, 8, 8, 8]
     assert metrics[-1]["val_top1"] >= 0.6  # 4 classes: chance is 0.25
+
+
+def test_os_cache_is_the_default_and_off_only_with_quasi_random_order():
+    assert load_config(None, []).loader.ffcv.os_cache
+    with pytest.raises(UserError, match="'loader.ffcv.os_cache=false' needs 'loader.ffcv.order=quasi_random'"):
+        load_config(None, ["loader.ffcv.os_cache=false"])
+    cfg = load_config(None, ["loader.ffcv.os_cache=false", "loader.ffcv.order=quasi_random"])
+    assert not cfg.loader.ffcv.os_cache
+
+
+def _record_batches(monkeypatch, calls: list) -> None:
+    """Notes, in order, each batch FFCV's epoch thread builds (run_pipeline holds its CUDA stream work) and from
+    which thread, then builds it as usual."""
+    run_pipeline = EpochIterator.run_pipeline
+
+    def recorded(self, *args):
+        calls.append(("batch", threading.current_thread()))
+        return run_pipeline(self, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", recorded)
+
+
+def _record_set_device(monkeypatch, calls: list) -> None:
+    monkeypatch.setattr(torch.cuda, "set_device", lambda gpu: calls.append(("set_device", gpu,
+                                                                            threading.current_thread())))
+
+
+def test_epoch_thread_makes_the_loaders_gpu_current_before_its_first_batch(betons, monkeypatch):
+    loader = loaders.build_loader("ffcv", ffcv_spec(betons / "train.beton", batch_size=32))
+    # the pipelines were built for the CPU (no CUDA here); only the epoch thread's device step sees cuda:1
+    loader.spec = dataclasses.replace(loader.spec, device=torch.device("cuda", 1))
+    calls = []
+    _record_batches(monkeypatch, calls)
+    _record_set_device(monkeypatch, calls)
+    assert len(list(loader)) == 3
+    thread = calls[0][-1]
+    assert calls == [("set_device", 1, thread)] + [("batch", thread)] * 3
+    assert thread is not threading.main_thread()  # the current device is per thread: set in FFCV's own
+
+
+def test_a_cpu_loader_sets_no_gpu_and_an_unnumbered_cuda_is_the_callers_gpu(betons, monkeypatch):
+    calls = []
+    _record_set_device(monkeypatch, calls)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: calls.append("current_device") or 3)
+    assert len(list(loaders.build_loader("ffcv", ffcv_spec(betons / "train.beton", batch_size=32)))) == 3
+    assert _gpu_index(torch.device("cpu")) is None and calls == []
+    assert _gpu_index(torch.device("cuda", 1)) == 1 and calls == []
+    assert _gpu_index(torch.device("cuda")) == 3
+
+
+def test_decode_threads_are_the_worker_budget(betons, monkeypatch):
+    """FFCV's decode parallelism is numba's thread count in its epoch thread: the train share, half for val."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    share = len(os.sched_getaffinity(0))
+    for split, train, expected in (("train", True, share), ("val", False, max(1, share // 2))):
+        loader = loaders.build_loader("ffcv", ffcv_spec(betons / f"{split}.beton", train=train, workers=0))
+        threads = []
+        run_pipeline = EpochIterator.run_pipeline
+        monkeypatch.setattr(EpochIterator, "run_pipeline",
+                            lambda self, *args: threads.append(numba.get_num_threads()) or run_pipeline(self, *args))
+        list(loader)
+        monkeypatch.undo()
+        assert loader._loader.num_workers == expected and set(threads) == {expected}
+    torch.set_num_threads(2)  # FFCV sets torch's thread count too; back to the test suite's
+
+
+def test_more_workers_than_numba_threads_is_a_clear_error(betons):
+    workers = numba.config.NUMBA_NUM_THREADS + 1
+    with pytest.raises(UserError, match=f"loader.workers={workers}: .*NUMBA_NUM_THREADS"):
+        loaders.build_loader("ffcv", ffcv_spec(betons / "train.beton", workers=workers))
+
+
+# Runs under torchrun, after the training command: which GPUs this process opened a CUDA context on. Asked of the
+# driver (cuDevicePrimaryCtxGetState) because nvidia-smi shows no process IDs inside most containers.
+_CONTEXTS_DRIVER = """
+import json, os, sys
+import torch
+from fastimagenet.cli import main
+status = main(sys.argv[2:])
+gpus = [i for i in range(torch.cuda.device_count()) if torch._C._cuda_hasPrimaryContext(i)]
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as out:
+    json.dump({"status": status, "gpus": gpus}, out)
+"""
+
+
+@pytest.mark.gpu
+def test_torchrun_ranks_open_a_context_on_their_own_gpu_only(betons, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    driver = tmp_path / "driver.py"
+    driver.write_text(_CONTEXTS_DRIVER)
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", str(driver),
+               str(tmp_path), "train", "--loader", "ffcv", f"data.train={betons / 'train.beton'}",
+               f"data.val={betons / 'val.beton'}", f"runtime.out_dir={tmp_path / 'run'}", *TINY_RUN,
+               "runtime.device=cuda", "epochs=2", "schedule.stages=0,32,16"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks == [{"status": 0, "gpus": [0]}, {"status": 0, "gpus": [1]}]
