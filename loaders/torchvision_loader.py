@@ -11,6 +11,8 @@ workers without re-spawning them.
 
 from __future__ import annotations
 
+import math
+import shutil
 from typing import Iterator
 
 import numpy as np
@@ -21,11 +23,13 @@ from dataset_tools.scan import scan_image_folder
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
 from loaders.augment import center_crop_box, random_resized_crop_box, sample_rng
-from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
+from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, local_world_size, rank_share,
+                          to_device_nchw)
 from loaders.image_decode import decode_crop, single_threaded_worker
 
 # How many following samples to try in place of an unreadable one, so an epoch never dies on one bad file.
 _SUBSTITUTE_TRIES = 16
+_PREFETCH = 4  # batches each worker prepares ahead
 
 
 class _FolderDataset(Dataset):
@@ -66,6 +70,47 @@ def _collate(items):
     return batch, torch.tensor(labels, dtype=torch.int64), sum(failures, [])
 
 
+def shm_bytes_needed(workers: int, batch: int, resolution: int, processes: int = 1) -> int:
+    """Shared memory (/dev/shm) the batches of `processes` such loaders on one node hold at once: each DataLoader
+    keeps workers x prefetch batches in flight, plus the one its loop is using; a batch is batch x resolution^2 x 3
+    uint8 pixels and batch int64 labels (the queue moves those to shared memory too). Without workers nothing is
+    shared."""
+    if workers == 0:
+        return 0
+    return processes * (workers * _PREFETCH + 1) * _batch_bytes(batch, resolution)
+
+
+def _batch_bytes(batch: int, resolution: int) -> int:
+    return batch * (resolution * resolution * 3 + 8)
+
+
+def _shm_space() -> tuple[int, int] | None:
+    """(total, free) bytes of /dev/shm; None where there is none (not Linux)."""
+    try:
+        usage = shutil.disk_usage("/dev/shm")
+    except OSError:
+        return None
+    return usage.total, usage.free
+
+
+def check_shared_memory(workers: int, batch: int, resolution: int) -> None:
+    """Stop with the fixes before the workers start, instead of a bus error in a worker (or a hang) once /dev/shm
+    is full, which is what a container's default 64 MB gives at ImageNet batch sizes."""
+    processes = local_world_size()  # every rank of this node runs its own loaders
+    need, space = shm_bytes_needed(workers, batch, resolution, processes), _shm_space()
+    if space is None or need <= space[1]:
+        return
+    total, free = space
+    fitting = (free // (processes * _batch_bytes(batch, resolution)) - 1) // _PREFETCH  # the most workers that fit
+    fewer = f"fewer workers (loader.workers={fitting})" if fitting >= 1 else "fewer workers"
+    raise UserError(
+        f"torchvision loader: {workers} workers x {_PREFETCH} prefetched batches (+1 in use) of {batch} images at "
+        f"{resolution} px, in each of {processes} process(es) on this node, need {need / 2**20:,.1f} MiB of shared "
+        f"memory (/dev/shm) but {free / 2**20:,.1f} MiB are free. Fixes: a larger /dev/shm (`docker run "
+        f"--shm-size={math.ceil((total - free + need) / 2**30)}g ...`, or --ipc=host), {fewer}, or a smaller "
+        "batch (optim.batch_size, the schedule's stages)")
+
+
 class _EpochBatchSampler:
     """Runs in the main process: each epoch it yields batches of requests carrying the current resolution."""
 
@@ -93,7 +138,8 @@ class TorchvisionLoader:
         self._sampler = _EpochBatchSampler(len(scan.samples), spec)
         if spec.train:
             check_batch_fits(self._sampler.batch_size, len(scan.samples) // spec.world_size, spec.path)
-        workers = spec.workers()
+        workers = self._workers = spec.workers()
+        check_shared_memory(workers, self._sampler.batch_size, spec.resolution)
         self._loader = DataLoader(
             _FolderDataset(scan.samples, spec.augment, spec.train, spec.seed),
             batch_sampler=self._sampler,
@@ -102,7 +148,7 @@ class TorchvisionLoader:
             worker_init_fn=single_threaded_worker,
             pin_memory=spec.device.type == "cuda",
             persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=_PREFETCH if workers > 0 else None,
         )
 
     def __len__(self) -> int:
@@ -115,6 +161,8 @@ class TorchvisionLoader:
         per_rank = self.spec.per_rank_batch(batch_size)
         if self.spec.train:
             check_batch_fits(per_rank, self._sampler.count // self.spec.world_size, self.spec.path)
+        if _batch_bytes(per_rank, resolution) > _batch_bytes(self._sampler.batch_size, self._sampler.resolution):
+            check_shared_memory(self._workers, per_rank, resolution)
         self._sampler.resolution, self._sampler.batch_size = resolution, per_rank
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

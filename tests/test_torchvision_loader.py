@@ -1,4 +1,4 @@
-"""torchvision backend: decode correctness, odd files, bad files, persistent workers across reconfigure."""
+"""torchvision backend: decode correctness, odd files, bad files, persistent workers across reconfigure, /dev/shm."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from PIL import Image
 import loaders
 from dataset_tools.scan import scan_image_folder
 from fastimagenet.errors import UserError
+from loaders import torchvision_loader
 from loaders.augment import center_crop_box
 from loaders.image_decode import decode_crop
+from loaders.torchvision_loader import shm_bytes_needed
 from tests.conftest import make_spec
 
 
@@ -107,3 +109,39 @@ def test_batch_larger_than_the_dataset_is_an_error(jpeg_dataset):
     loader = loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train"))
     with pytest.raises(UserError, match="batch size 200 is larger"):
         loader.reconfigure(32, 200)
+
+
+def test_shared_memory_need_counts_every_batch_in_flight():
+    assert shm_bytes_needed(0, 256, 224) == 0  # no workers: batches never leave the process
+    assert shm_bytes_needed(1, 1, 1) == 5 * (3 + 8)  # 4 prefetched + 1 in use; 3 pixel bytes + an int64 label
+    # 8 GPU processes, 12 workers each, 128 images at 224 px: 7.0 GiB, against a container's default 64 MB
+    assert shm_bytes_needed(12, 128, 224, processes=8) == 8 * 49 * 128 * (224 * 224 * 3 + 8) == 7_553_294_336
+
+
+def _shm_free(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(torchvision_loader, "_shm_space", lambda: (64 * 2**20, free))
+
+
+def test_workers_that_would_overflow_dev_shm_are_a_clear_error(jpeg_dataset, monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    # 2 workers x (4 + 1) ... : 9 batches of 8 x (32 x 32 x 3 + 8) bytes = 221,760 bytes; 1 worker: 123,200
+    _shm_free(monkeypatch, 200_000)
+    with pytest.raises(UserError, match=r"2 workers x 4 prefetched batches .* need 0\.2 MiB of shared memory "
+                                        r"\(/dev/shm\) but 0\.2 MiB are free.*--shm-size=1g.*loader\.workers=1.*"
+                                        r"smaller batch"):
+        loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train", workers=2, batch_size=8))
+    loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train", workers=1, batch_size=8))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the ranks of a node share its /dev/shm
+    with pytest.raises(UserError, match=r"1 workers .* in each of 2 process\(es\) on this node"):
+        loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train", workers=1, batch_size=8))
+
+
+def test_reconfigure_checks_dev_shm_when_batches_grow(jpeg_dataset, monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    _shm_free(monkeypatch, 300_000)
+    loader = loaders.build_loader("torchvision", make_spec(jpeg_dataset / "train", workers=2, batch_size=8))
+    _shm_free(monkeypatch, 1)  # smaller batches need no new room
+    loader.reconfigure(24, 4)
+    _shm_free(monkeypatch, 300_000)  # 9 batches of 8 at 48 px: 498,240 bytes
+    with pytest.raises(UserError, match=r"of 8 images at 48 px, .* need 0\.5 MiB"):
+        loader.reconfigure(48, 8)
