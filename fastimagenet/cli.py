@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--data", default="", help="Train split to read (ImageFolder dir, or .beton for ffcv).")
     bl.add_argument("--resolution", type=int, default=176, help="Output resolution in pixels.")
     bl.add_argument("--batch-size", type=int, default=64, help="Images per batch.")
-    bl.add_argument("--workers", type=int, default=0, help="Worker processes/threads (0: one per CPU core).")
+    bl.add_argument("--workers", type=int, default=0, help="Worker processes/threads (0: the CPUs this process may use).")
     bl.add_argument("--device", default="cpu", help="Where batches are delivered: cpu or cuda.")
     bl.add_argument("--rounds", type=int, default=3,
                     help="Timed passes per pipeline, taken in turns after one untimed pass each; medians reported.")
