@@ -6,7 +6,8 @@
   takes milliseconds; the epoch's resolution and batch size are simply those it is built with, so `reconfigure`
   needs no rebuild of its own. The pipeline, and on GPU the pooled memory it held, is released with its epoch.
 - Train: the random-resized-crop is fused into the decode (`decoders.image_random_crop`: only the crop's pixels
-  are decoded), then resized to the epoch's resolution and flipped. Eval: resize + centre crop.
+  are decoded), then resized to the epoch's resolution and flipped. Eval: resize + centre crop. EXIF orientation
+  is ignored, as by the other backends (DALI would apply it by default).
 - Files DALI cannot decode would kill the pipeline, so they leave the sample list up front (dataset_tools/verify.py,
   cached) and are reported like the other backends' skips.
 """
@@ -44,7 +45,8 @@ def decode_device(spec: LoaderSpec) -> str:
 
 def augmented(encoded, train: bool, resolution: int, augment: DataConfig, device: str, hw_decoder_load: float):
     """The DALI graph of our augmentation (loaders/augment.py) from encoded bytes to HWC uint8 RGB."""
-    decoder = dict(device=device, output_type=types.RGB)
+    # EXIF orientation ignored, as torchvision's ImageFolder and FFCV do (DALI applies it by default)
+    decoder = dict(device=device, output_type=types.RGB, adjust_orientation=False)
     if device == "mixed":
         decoder["hw_decoder_load"] = hw_decoder_load  # share sent to the A100/H100 hardware JPEG decoder
     if not train:

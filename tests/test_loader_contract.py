@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 import loaders
 from tests.conftest import data_path, make_spec
@@ -70,3 +71,35 @@ def test_ranks_get_disjoint_shards_that_cover_the_data(name, one_per_class, tmp_
     assert len(seen[0]) == len(seen[1]) == 8
     assert not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == set(range(16))
+
+
+@pytest.fixture
+def exif_rotated(tmp_path):
+    """Two classes of one non-square JPEG whose EXIF says "rotate 90° clockwise to view" (Orientation=6). Stored
+    pixels: red top half, blue bottom half; a backend that applied the rotation would put them side by side."""
+    root = tmp_path / "exif"
+    for label in range(2):
+        (root / f"c{label}").mkdir(parents=True)
+        image = Image.new("RGB", (96, 64), (20, 40, 230))
+        image.paste((230, 30, 20), (0, 0, 96, 32))
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation
+        image.save(root / f"c{label}" / "rotated.jpg", quality=95, exif=exif)
+    return root
+
+
+def test_exif_orientation_is_ignored_by_every_backend(exif_rotated, tmp_path):
+    """torchvision's ImageFolder semantics: the stored pixels, whatever the EXIF orientation says."""
+    outputs = {}
+    for name in DATA_BACKENDS:
+        spec = make_spec(data_path(name, exif_rotated, tmp_path), name=name, train=False, batch_size=2,
+                         resolution=32)
+        (images, _), = list(loaders.build_loader(name, spec))
+        outputs[name] = images.float()
+    reference = outputs["torchvision"]
+    assert reference.shape == (2, 3, 32, 32)
+    top, bottom = reference[:, :, :12].mean(dim=(0, 2, 3)), reference[:, :, -12:].mean(dim=(0, 2, 3))
+    assert top[0] > 200 > bottom[0] and bottom[2] > 200 > top[2]  # red above blue, as stored
+    for name, images in outputs.items():
+        assert images.shape == reference.shape, name
+        assert (images - reference).abs().mean() < 4, name  # same pixels within JPEG and resize tolerance
