@@ -3,7 +3,8 @@
 Some decoders (DALI's) fail the whole pipeline on one truncated or mislabelled file, so such files must leave the
 sample list up front. Each file is decoded once at 1/8 scale (the JPEG decoder still reads every byte, so a truncated
 file is caught at a fraction of the full decode cost), and the verdicts are cached per dataset, keyed by file size
-and modification time: the next run re-checks only new or changed files.
+and modification time: the next run re-checks only new or changed files. Under torchrun the check is done once per
+node: local rank 0 verifies and writes the cache while the node's other processes wait, then they read its verdicts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch.distributed as dist
 from PIL import Image
 
 from dataset_tools.scan import FolderScan
@@ -63,8 +65,22 @@ def _save_cache(path: Path, files: dict) -> None:
         print(f"warning: could not write the image verification cache {path}: {exc}")
 
 
-def verified_samples(scan: FolderScan, formats: frozenset[str]) -> tuple[list[tuple[str, int]], dict[str, str]]:
-    """The scan's samples that decode, and {path: reason} for those that do not."""
+def verified_samples(scan: FolderScan, formats: frozenset[str],
+                     local_rank: int = 0) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """The scan's samples that decode, and {path: reason} for those that do not. With a process group, local rank 0
+    verifies first and the others wait at a barrier (every rank meets it once), then find its verdicts in the cache;
+    they verify only what it could not cache."""
+    waits = dist.is_available() and dist.is_initialized()
+    if waits and local_rank != 0:
+        dist.barrier()  # until this node's local rank 0 has written the cache
+    try:
+        return _verify(scan, formats)
+    finally:
+        if waits and local_rank == 0:
+            dist.barrier()  # release this node's other ranks (and meet the other nodes' ranks)
+
+
+def _verify(scan: FolderScan, formats: frozenset[str]) -> tuple[list[tuple[str, int]], dict[str, str]]:
     cache_path = _cache_file(scan.root, formats)
     cached = _load_cache(cache_path)
     verdicts: dict[str, list] = {}

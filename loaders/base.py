@@ -49,6 +49,7 @@ class LoaderSpec:
     num_classes: int = 0  # for loaders with no class names on disk (synthetic)
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0  # rank within this node: local rank 0 does the node's one-off work (image verification)
 
     def per_rank_batch(self, batch_size: int | None = None) -> int:
         batch_size = self.batch_size if batch_size is None else batch_size

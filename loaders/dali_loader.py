@@ -9,7 +9,7 @@
   are decoded), then resized to the epoch's resolution and flipped. Eval: resize + centre crop. EXIF orientation
   is ignored, as by the other backends (DALI would apply it by default).
 - Files DALI cannot decode would kill the pipeline, so they leave the sample list up front (dataset_tools/verify.py,
-  cached) and are reported like the other backends' skips.
+  cached, once per node) and are reported like the other backends' skips.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _to_torch(images, device: torch.device) -> torch.Tensor:
 class DaliLoader:
     def __init__(self, spec: LoaderSpec):
         scan = scan_image_folder(spec.path, spec.classes)
-        samples, unreadable = verified_samples(scan, DALI_FORMATS)
+        samples, unreadable = verified_samples(scan, DALI_FORMATS, spec.local_rank)
         if unreadable and spec.strict:
             path, reason = next(iter(unreadable.items()))
             raise UserError(f"{path}: unreadable image ({reason}); set data.strict=false to skip such files")

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
 import shutil
+import socket
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
 import loaders
 from dataset_tools import verify
+from dataset_tools.scan import scan_image_folder
 from fastimagenet.config import DaliOptions, LoaderConfig
 from fastimagenet.errors import UserError
 from tests.conftest import make_spec, train
 
 pytest.importorskip("nvidia.dali")
+
+from loaders.dali_loader import DALI_FORMATS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +139,31 @@ def test_an_image_changed_after_verification_is_a_clear_error(folder_with_bad_fi
     victim.write_bytes(b"x" * stat.st_size)  # same size and time: the cache cannot notice
     with pytest.raises(UserError, match="DALI could not decode an image at or just after"):
         list(loader)
+
+
+def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str) -> None:
+    os.environ["FASTIMAGENET_CACHE"] = cache
+    checked = []
+    real = verify.image_problem
+    verify.image_problem = lambda path, formats: checked.append(path) or real(path, formats)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        good, bad = verify.verified_samples(scan_image_folder(root), DALI_FORMATS, local_rank=rank)
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"checked": len(checked), "good": good, "bad": bad}))
+
+
+def test_one_process_per_node_verifies_the_others_read_its_cache(folder_with_bad_files, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_verify_as_rank, args=(port, str(folder_with_bad_files), str(tmp_path / "cache"), str(tmp_path)),
+             nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [rank["checked"] for rank in ranks] == [99, 0]  # local rank 1 waited for local rank 0's cache
+    assert ranks[0]["good"] == ranks[1]["good"] and ranks[0]["bad"] == ranks[1]["bad"]
+    assert len(ranks[1]["bad"]) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without CUDA")
