@@ -1,24 +1,39 @@
 """DALI backend: JPEG decode on the GPU (nvJPEG through DALI's `mixed` decoders), or on CPU threads without one.
 
-- Order: each epoch gets a pipeline whose file reader walks that epoch's files in our own order (epoch_order +
-  shard, as every backend), so labels, order and sharding match the other backends exactly, while DALI reads ahead
-  in its own threads as when used by hand (a Python external source was ~5% slower on cpu-2c). Building a pipeline
-  takes milliseconds; the epoch's resolution and batch size are simply those it is built with, so `reconfigure`
-  needs no rebuild of its own. The pipeline, and on GPU the pooled memory it held, is released with its epoch.
+- Order: each epoch (and each evaluation) gets a pipeline whose file reader walks that epoch's files in our own
+  order (epoch_order + shard, as every backend), so labels, order and sharding match the other backends exactly,
+  while DALI reads ahead in its own threads as when used by hand (a Python external source was ~5% slower on
+  cpu-2c). The epoch's resolution and batch size are simply those it is built with, so `reconfigure` needs no
+  rebuild of its own.
+- Memory: the pipeline lives for its epoch, DALI's memory pools for the process. A pipeline built per epoch,
+  rather than one kept per (resolution, batch) stage, holds nvJPEG's per-thread buffers (with the padding below,
+  ~200 MiB of device and ~270 MiB of pinned memory per decode thread) for one pipeline at a time instead of one set
+  per stage plus one for evaluation. Its pools are never released (no ReleaseUnusedMemory): the next pipeline takes
+  its buffers and batches from the blocks the previous one gave back, so once the pools have grown to the largest
+  stage, epochs take their memory from them rather than from CUDA. On GPU the device is synchronised once when a
+  pipeline goes, so the next one does not start while the last frees are pending and grow the pool (DALI #5087).
+- Hand-over without a host wait: on GPU the pipeline runs on torch's current CUDA stream (`run(stream)`: outputs
+  bound to that stream, no host wait), and the batch is copied into a torch tensor on that same stream (feed_ndarray
+  with a stream copies asynchronously). A copy rather than DLPack: the batch then lives in torch's caching allocator,
+  and DALI's pool does not grow by whatever batches the training step still holds. Decoding on CPU for a CUDA
+  device, the batch is copied into pinned memory, so its host->device copy does not block. Labels go to the device
+  once per epoch (one copy of the epoch's label vector); each batch takes a view of it.
 - Train: the random-resized-crop is fused into the decode (`decoders.image_random_crop`: only the crop's pixels
   are decoded), then resized to the epoch's resolution and flipped. Eval: resize + centre crop. EXIF orientation
   is ignored, as by the other backends (DALI would apply it by default).
 - Files DALI cannot decode would kill the pipeline, so they leave the sample list up front (dataset_tools/verify.py,
-  cached, once per node) and are reported like the other backends' skips.
+  cached, once per node) and are reported like the other backends' skips. A pipeline that fails anyway says
+  whether it ran out of memory or met a file it could not decode.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from nvidia.dali import fn, types
-from nvidia.dali.backend import ReleaseUnusedMemory, TensorGPU
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
 
@@ -30,6 +45,17 @@ from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_
 
 # What DALI's image decoders read, as PIL names the formats (GIF, for one, is not among them).
 DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
+
+# nvJPEG buffer padding for full-size ImageNet, as in NVIDIA's DALI ResNet-50 example: large enough for any of its
+# photos, so no decode thread re-allocates mid-run. DALI 2.4 takes, per decode thread, one device buffer and two
+# pinned host buffers of this size from its pools when the decoder is built (and keeps them pooled after).
+DEVICE_MEMORY_PADDING = 211_025_920  # bytes (~201 MiB)
+HOST_MEMORY_PADDING = 140_544_512  # bytes (~134 MiB)
+
+# What DALI 2.4's messages say when an allocation fails: its allocators ("Can't allocate N bytes on device D.",
+# "CUDA allocation failed"), CUDA itself, std::bad_alloc, and nvImageCodec's status 5 / 15 (allocator failure).
+_OUT_OF_MEMORY = ("can't allocate", "cuda allocation failed", "out of memory", "cudaerrormemoryallocation",
+                  "bad_alloc", "nvimagecodec failure: '#5'", "nvimagecodec failure: '#15'")
 
 
 def decode_device(spec: LoaderSpec) -> str:
@@ -43,12 +69,19 @@ def decode_device(spec: LoaderSpec) -> str:
     return "mixed" if choice == "gpu" else "cpu"
 
 
+def decoder_options(device: str, hw_decoder_load: float) -> dict:
+    """Arguments of DALI's image decoders: RGB with EXIF orientation ignored (as torchvision's ImageFolder and FFCV
+    do; DALI applies it by default), and on the GPU the hardware decoder's share and the nvJPEG buffer padding."""
+    options = dict(device=device, output_type=types.RGB, adjust_orientation=False)
+    if device == "mixed":
+        options.update(hw_decoder_load=hw_decoder_load,  # share sent to the A100/H100 hardware JPEG decoder
+                       device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING)
+    return options
+
+
 def augmented(encoded, train: bool, resolution: int, augment: DataConfig, device: str, hw_decoder_load: float):
     """The DALI graph of our augmentation (loaders/augment.py) from encoded bytes to HWC uint8 RGB."""
-    # EXIF orientation ignored, as torchvision's ImageFolder and FFCV do (DALI applies it by default)
-    decoder = dict(device=device, output_type=types.RGB, adjust_orientation=False)
-    if device == "mixed":
-        decoder["hw_decoder_load"] = hw_decoder_load  # share sent to the A100/H100 hardware JPEG decoder
+    decoder = decoder_options(device, hw_decoder_load)
     if not train:
         images = fn.decoders.image(encoded, **decoder)
         images = fn.resize(images, resize_shorter=resolution / augment.crop_ratio)
@@ -65,24 +98,79 @@ def _threads(spec: LoaderSpec) -> int:
     return spec.options.dali.threads or spec.workers()
 
 
+@dataclass(frozen=True)
+class Handover:
+    """How batches pass from DALI to torch without the host waiting for the device."""
+
+    gpu: torch.device | None  # DALI decodes on this GPU and hands over on its current torch stream; None: on CPU
+    pin: bool  # host output bound for a CUDA device: copied into pinned memory, so its copy to the device is async
+
+
+def handover(decode: str, device: torch.device) -> Handover:
+    """`decode` is decode_device's answer, `device` the training device."""
+    if decode == "mixed":
+        return Handover(gpu=device if device.type == "cuda" else torch.device("cuda"), pin=False)
+    return Handover(gpu=None, pin=device.type == "cuda")
+
+
+def output_stream(hand: Handover) -> torch.cuda.Stream | None:
+    """The stream DALI binds a batch to and the copy into torch runs on: torch's current stream on the decoding GPU,
+    so the training step that follows is ordered after both without the host waiting. None: host outputs."""
+    return None if hand.gpu is None else torch.cuda.current_stream(hand.gpu)
+
+
 def _new_pipeline(spec: LoaderSpec, batch_size: int, seed: int) -> Pipeline:
-    device = decode_device(spec)
-    device_id = None
-    if device == "mixed":
-        device_id = spec.device.index if spec.device.type == "cuda" and spec.device.index is not None \
-            else torch.cuda.current_device()
+    gpu = handover(decode_device(spec), spec.device).gpu
+    device_id = None if gpu is None else torch.cuda.current_device() if gpu.index is None else gpu.index
+    # exec_dynamic is DALI's default executor, named because outputs on a CUDA stream (`run(stream)`) require it.
     return Pipeline(batch_size=batch_size, num_threads=_threads(spec), device_id=device_id, seed=seed,
-                    prefetch_queue_depth=spec.options.dali.prefetch)
+                    prefetch_queue_depth=spec.options.dali.prefetch, exec_dynamic=True)
 
 
-def _to_torch(images, device: torch.device) -> torch.Tensor:
-    """DALI's HWC batch copied into a fresh torch tensor (DALI reuses its output buffers on the next run)."""
+def _to_torch(images, hand: Handover, stream: torch.cuda.Stream | None) -> torch.Tensor:
+    """DALI's HWC batch copied into a torch tensor: on the GPU asynchronously on `stream`, the stream DALI bound it
+    to; on the host into pinned memory when it goes on to a GPU."""
     tensor = images.as_tensor()
-    on_gpu = isinstance(tensor, TensorGPU)
-    pin = not on_gpu and device.type == "cuda"
-    out = torch.empty(tensor.shape(), dtype=torch.uint8, device=device if on_gpu else "cpu", pin_memory=pin)
-    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device) if on_gpu else None)
+    out = torch.empty(tensor.shape(), dtype=torch.uint8, device="cpu" if hand.gpu is None else hand.gpu,
+                      pin_memory=hand.pin)
+    feed_ndarray(tensor, out, cuda_stream=stream)
     return out
+
+
+def dali_failure(message: str) -> str | None:
+    """What a DALI pipeline error reports: "out of memory", "decode" (a decoder failed on a file) or None."""
+    lowered = message.lower()
+    if any(marker in lowered for marker in _OUT_OF_MEMORY):
+        return "out of memory"
+    if "fn.decoders." in message:  # "Error in CPU/MIXED operator `nvidia.dali.fn.decoders.image...`"
+        return "decode"
+    return None
+
+
+def _what_dali_met(message: str) -> str:
+    """The line of a DALI error that says what happened (DALI wraps it in the operator's traceback)."""
+    lines = [line.strip() for line in message.rsplit("encountered:", 1)[-1].splitlines()]
+    lines = [line for line in lines if line and "no longer valid" not in line]
+    return lines[0] if lines else message.strip()
+
+
+def pipeline_error(exc: Exception, files: list[str]) -> Exception:
+    """The error to raise for a pipeline that failed while building or running on `files` (a batch's first ones):
+    running out of memory says so, a decode failure names the file; anything else stays as DALI raised it."""
+    message = str(exc)
+    kind = "out of memory" if isinstance(exc, MemoryError) else dali_failure(message)
+    if kind == "out of memory":
+        return UserError(f"DALI ran out of memory ({_what_dali_met(message)}): lower the batch size, "
+                         "loader.dali.threads (on GPU each decode thread pools ~200 MiB of device and ~270 MiB of "
+                         "pinned memory) or loader.dali.prefetch")
+    if kind == "decode":
+        named = re.search(r"Failed to decode sample #\d+ : (.+)", message)
+        if named:
+            return UserError(f"{named.group(1).strip()}: DALI could not decode this image (changed since it was "
+                             "verified?)")
+        return UserError(f"DALI could not decode an image at or just after [{', '.join(files)}, ...] (changed "
+                         f"since it was verified?): {_what_dali_met(message)}")
+    return exc
 
 
 class DaliLoader:
@@ -96,6 +184,7 @@ class DaliLoader:
             raise UserError(f"{spec.path}: none of the {len(scan.samples)} images can be decoded")
         self.spec, self.classes, self.skipped = spec, scan.classes, dict(unreadable)
         self._decode_device = decode_device(spec)
+        self._handover = handover(self._decode_device, spec.device)
         if unreadable:
             listing = "\n".join(f"  {path}: {reason}" for path, reason in list(unreadable.items())[:10])
             print(f"warning: {len(unreadable)} unreadable images left out of {spec.path}:\n{listing}")
@@ -123,11 +212,22 @@ class DaliLoader:
         self._check_fits()
 
     def _release_pipeline(self) -> None:
+        """Drop the epoch's pipeline; DALI's memory pools stay for the next one (see the module notes)."""
         if self._pipe is None:
             return
         self._pipe = None
-        if self._decode_device == "mixed":  # DALI pools GPU memory: give what the old pipeline held back to torch
-            ReleaseUnusedMemory()
+        if self._handover.gpu is not None:
+            # sync, once per epoch: the pipeline's last stream-ordered frees (and our copies out of its buffers) are
+            # complete before the next pipeline allocates, so it reuses those blocks instead of growing the pool.
+            torch.cuda.synchronize(self._handover.gpu)
+
+    def _epoch_labels(self, indices: list[int]) -> torch.Tensor:
+        """The epoch's labels on the training device in one copy (batches take views): no per-step host->device
+        copy, and from pinned memory on a GPU, so this one does not block the host either."""
+        labels = self._labels[indices]
+        if self.spec.device.type == "cuda":
+            labels = labels.pin_memory()
+        return labels.to(self.spec.device, non_blocking=labels.is_pinned())
 
     def _epoch_pipeline(self, indices: list[int]) -> Pipeline:
         """A pipeline whose file reader walks this epoch's files in our order. Built per epoch (milliseconds): DALI's
@@ -142,24 +242,27 @@ class DaliLoader:
                                          pad_last_batch=True)
             pipe.set_outputs(augmented(encoded, spec.train, self.resolution, spec.augment, self._decode_device,
                                        spec.options.dali.hw_decoder_load))
-        pipe.build()
+        try:
+            pipe.build()  # on GPU the decoder takes its nvJPEG buffers here: the first place memory can run out
+        except (RuntimeError, MemoryError) as exc:
+            raise pipeline_error(exc, [self._paths[i] for i in indices[:3]]) from None
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self._indices().tolist()
-        batches = [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        indices, size = self._indices().tolist(), self.batch_size
+        labels = self._epoch_labels(indices)
         self._release_pipeline()
         self._pipe = self._epoch_pipeline(indices)
         try:
-            for batch in batches:
+            for start in range(0, batches_per_epoch(len(indices), size, self.spec.train) * size, size):
+                count = min(size, len(indices) - start)
+                stream = output_stream(self._handover)
                 try:
-                    (images,) = self._pipe.run()
-                except RuntimeError as exc:  # a file changed on disk since it was verified
-                    files = ", ".join(self._paths[i] for i in batch[:3])
-                    raise UserError(f"DALI could not decode an image at or just after [{files}, ...] (changed since "
-                                    f"it was verified?): {str(exc).strip().splitlines()[-1]}") from None
-                images = _to_torch(images, self.spec.device)[: len(batch)]
-                yield to_device_nchw(images, self._labels[batch], self.spec.device)
+                    (images,) = self._pipe.run(stream)  # positional: run()'s keywords name pipeline inputs
+                except (RuntimeError, MemoryError) as exc:
+                    raise pipeline_error(exc, [self._paths[i] for i in indices[start : start + 3]]) from None
+                images = _to_torch(images, self._handover, stream)[:count]
+                yield to_device_nchw(images, labels[start : start + count], self.spec.device)
         finally:  # the epoch's pipeline (and anything it prefetched) goes with the epoch
             self._release_pipeline()
 
