@@ -42,40 +42,47 @@ def make_run_dir(cfg: Config) -> Path:
     return path
 
 
+def train_step(run: Training, images: torch.Tensor, labels: torch.Tensor, accum_steps: int, update: bool):
+    """One forward/backward of a micro-batch; with `update`, the optimizer step (and EMA update) that ends an
+    accumulation. No host-device sync: returns the loss as a device tensor."""
+    cfg = run.cfg
+    # DDP: accumulation micro-steps skip the gradient all-reduce; only the step that updates the weights syncs.
+    no_sync = getattr(run.train_module, "no_sync", contextlib.nullcontext)
+    with contextlib.nullcontext() if update else no_sync():
+        with run.rt.autocast():
+            loss = F.cross_entropy(run.forward(images), labels, label_smoothing=cfg.optim.label_smoothing)
+        run.scaler.scale(loss / accum_steps).backward()
+    if update:
+        if cfg.optim.grad_clip > 0:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update()
+    return loss.detach()
+
+
 def train_one_epoch(run: Training, row: EpochPlan) -> EpochResult:
-    cfg, rt, loader = run.cfg, run.rt, run.train_loader
+    rt, loader = run.rt, run.train_loader
     run.train_module.train()
-    steps, accum = len(loader), row.accum_steps
+    steps = len(loader)
     loss_sum = torch.zeros((), device=rt.device)
     images_seen = timed_images = 0
     start = timed_start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {row.epoch}", leave=False, dynamic_ncols=True,
                disable=not is_main_process())
-    # DDP: accumulation micro-steps skip the gradient all-reduce; only the step that updates the weights syncs.
-    no_sync = getattr(run.train_module, "no_sync", contextlib.nullcontext)
     for step, (images, labels) in enumerate(loader):
         if step == _TIMING_WARMUP_STEPS:
             rt.synchronize()  # sync: start the throughput clock after warm-up (once per epoch)
             timed_start, timed_images = time.perf_counter(), images_seen
         set_lr(run.optimizer, run.plan.lr(row.epoch, step, steps))
-        updates = (step + 1) % accum == 0 or step + 1 == steps
-        with contextlib.nullcontext() if updates else no_sync():
-            with rt.autocast():
-                loss = F.cross_entropy(run.forward(images), labels, label_smoothing=cfg.optim.label_smoothing)
-            run.scaler.scale(loss / accum).backward()
-        if updates:
-            if cfg.optim.grad_clip > 0:
-                run.scaler.unscale_(run.optimizer)
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            run.optimizer.zero_grad(set_to_none=True)
-            if run.ema is not None:
-                run.ema.update()
-        loss_sum += loss.detach()
+        update = (step + 1) % row.accum_steps == 0 or step + 1 == steps
+        loss_sum += train_step(run, images, labels, row.accum_steps, update)
         images_seen += labels.shape[0]
         bar.update()
-        if (step + 1) % cfg.runtime.log_interval == 0:
+        if (step + 1) % run.cfg.runtime.log_interval == 0:
             # sync: read the running loss for the progress bar, once per log interval
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}", img_s=f"{images_seen / elapsed:.0f}")

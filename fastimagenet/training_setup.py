@@ -54,7 +54,7 @@ def build_loaders(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv()
     each backend shards the data by rank and gives every rank its share of the batch."""
     common = dict(device=rt.device, augment=cfg.data, options=cfg.loader, seed=cfg.runtime.seed,
                   strict=cfg.data.strict, num_classes=cfg.data.num_classes, rank=env.rank,
-                  world_size=env.world_size)
+                  world_size=env.world_size, local_rank=env.local_rank)
     first = plan.rows[0]
     train = loaders.build_loader(cfg.loader.name, LoaderSpec(path=cfg.data.train, train=True,
                                                              resolution=first.resolution,
