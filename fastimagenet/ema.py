@@ -32,14 +32,16 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Call after each optimizer step. One fused lerp over all tensors; no host-device sync."""
+        """Call after each optimizer step. Two multi-tensor kernels (a lerp, a copy), not one per tensor; no
+        host-device sync."""
         weight = 1 - self.current_decay()
         self.updates += 1
         if self._float:
             ema, current = zip(*self._float)
             torch._foreach_lerp_(list(ema), list(current), weight)
-        for ema_tensor, tensor in self._exact:
-            ema_tensor.copy_(tensor)
+        if self._exact:
+            ema, current = zip(*self._exact)
+            torch._foreach_copy_(list(ema), list(current))
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}

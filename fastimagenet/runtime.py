@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,9 @@ def resolve_runtime(cfg: Config, local_rank: int = 0) -> Runtime:
     if rt.device == "cuda" and not torch.cuda.is_available():
         raise UserError("config: runtime.device=cuda but no CUDA device is available (use runtime.device=auto)")
     cuda = rt.device == "cuda" or (rt.device == "auto" and torch.cuda.is_available())
+    warning = missing_cuda_warning(shutil.which("nvidia-smi"), torch.cuda.is_available()) if not cuda else None
+    if warning and local_rank == 0:
+        print(warning)
     if cuda and local_rank >= torch.cuda.device_count():
         raise UserError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPUs "
                         "(--nproc_per_node must not exceed the GPU count)")
@@ -72,6 +76,37 @@ def compile_module(module: torch.nn.Module, rt: Runtime, backend: str, distinct_
     schedule will show, or Dynamo would silently fall back to eager."""
     if not rt.compile:
         return module
-    torch._dynamo.config.recompile_limit = max(8, distinct_shapes)
-    torch._dynamo.config.accumulated_recompile_limit = max(256, distinct_shapes)
+    limit = recompile_limit(distinct_shapes)
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.config.accumulated_recompile_limit = max(256, limit)
+    # Past the limit Dynamo would run the rest of the run in eager mode, several times slower, with one log line
+    # as the only trace. The limit covers every shape the plan can show, so hitting it means a guard we did not
+    # expect: stop with Dynamo's error instead (a resume continues the run, with a fresh cache).
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     return torch.compile(module, dynamic=False, backend=backend)
+
+
+def recompile_limit(distinct_shapes: int) -> int:
+    """Cache entries one compiled code object may need: each shape in train mode and again inside DDP's no_sync
+    (accumulation micro-steps flip a guarded flag), the eval shape for the model and for its EMA copy (which run
+    the same forward code)."""
+    return max(8, 2 * distinct_shapes + 2)
+
+
+def sync_bn_compile_warning(sync_bn_active: bool, compile_: bool) -> str | None:
+    if sync_bn_active and compile_:
+        return ("warning: model.sync_bn=true with torch.compile: SyncBatchNorm breaks the compiled graph at every "
+                "BatchNorm (pytorch/pytorch#161302), so much of the step runs eagerly; consider runtime.compile=false "
+                "or model.sync_bn=false with a larger per-GPU batch")
+    return None
+
+
+def missing_cuda_warning(nvidia_smi: str | None, cuda_available: bool) -> str | None:
+    """An NVIDIA driver is installed (nvidia-smi exists) but this torch build cannot use it: usually a driver
+    older than the CUDA version torch was built for. Said aloud, so runtime.device=auto does not quietly train on
+    the CPU."""
+    if nvidia_smi is None or cuda_available:
+        return None
+    return (f"warning: {nvidia_smi} exists but torch {torch.__version__} (built for CUDA {torch.version.cuda}) "
+            "sees no usable GPU; the NVIDIA driver is probably older than this build needs (check `nvidia-smi` "
+            "for the driver's CUDA version). Training on the CPU.")

@@ -28,7 +28,7 @@ from fastimagenet.metrics import EpochResult, RunLogger, epoch_record
 from fastimagenet.optim import set_lr
 from fastimagenet.plan import EpochPlan, build_plan
 from fastimagenet.plots import write_run_plot
-from fastimagenet.runtime import Runtime, resolve_runtime, seed_everything
+from fastimagenet.runtime import Runtime, resolve_runtime, seed_everything, sync_bn_compile_warning
 from fastimagenet.training_setup import Training, build_training
 
 # Steps at the start of each epoch left out of images/s: they carry compile warm-up and loader start-up.
@@ -139,6 +139,9 @@ def validate_epoch(run: Training) -> dict:
     average_buffers(run.model)
     val = evaluate(run.forward, run.train_module, run.val_loader, run.rt, per_rank_batch, run.cfg.runtime.tta_flip)
     if run.ema is not None:
+        # The EMA follows each rank's own BN statistics: average them too, so every rank evaluates and rank 0 saves
+        # one EMA model (sync: once per epoch)
+        average_buffers(run.ema.module)
         ema_val = evaluate(run.ema_forward, run.ema.module, run.val_loader, run.rt, per_rank_batch,
                            run.cfg.runtime.tta_flip)
         val.update({f"ema_{key}": value for key, value in ema_val.items() if key != "val_images"})
@@ -152,6 +155,9 @@ def fit(cfg: Config, resume_from: Path | None = None) -> dict:
     rt = resolve_runtime(cfg, env.local_rank)
     if cfg.model.sync_bn and env.world_size > 1 and rt.device.type != "cuda":
         raise UserError("config: model.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+    warning = sync_bn_compile_warning(cfg.model.sync_bn and env.world_size > 1, rt.compile)
+    if warning and env.is_main:
+        print(warning)
     init_process_group(env, rt.device)
     try:
         return _fit(cfg, env, rt, resume_from)

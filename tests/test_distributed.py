@@ -72,13 +72,21 @@ def _instrumented_fit(overrides: list[str]) -> dict:
         seen["model"] = model
         return wrap_ddp(model, *args)
 
-    loaders.build_loader, train_module.wrap_ddp = recording_build, capturing_wrap
+    class CapturedEma(train_module.ModelEma):
+        def __init__(self, *args):
+            super().__init__(*args)
+            seen["ema"] = self
+
+    model_ema = train_module.ModelEma
+    loaders.build_loader, train_module.wrap_ddp, train_module.ModelEma = recording_build, capturing_wrap, CapturedEma
     try:
         record = fit(load_config(None, overrides))
     finally:
-        loaders.build_loader, train_module.wrap_ddp = build_loader, wrap_ddp
+        loaders.build_loader, train_module.wrap_ddp, train_module.ModelEma = build_loader, wrap_ddp, model_ema
     params = {k: v.detach().clone() for k, v in seen["model"].named_parameters()}
-    return {"record": record, "labels": seen["train"].epochs, "params": params}
+    buffers = {k: v.detach().clone() for k, v in seen["model"].named_buffers()}
+    ema = {k: v.detach().clone() for k, v in seen["ema"].module.state_dict().items()} if "ema" in seen else None
+    return {"record": record, "labels": seen["train"].epochs, "params": params, "buffers": buffers, "ema": ema}
 
 
 def _rank_main(rank: int, world_size: int, port: int, overrides: list[str], result_dir: str) -> None:
@@ -125,6 +133,20 @@ def test_two_processes_shard_agree_and_match_one_process(name, one_per_class, tm
         assert torch.allclose(ranks[0]["params"][key], tensor, atol=0.05), key
     same = lambda record: {k: v for k, v in record.items() if k != "epoch_time_s"}  # noqa: E731 - own clocks
     assert same(ranks[0]["record"]) == same(ranks[1]["record"])  # reduced metrics: every rank reports the same
+
+
+def test_replicas_end_with_the_same_bn_statistics_and_the_same_ema(one_per_class, tmp_path):
+    """Each rank updates BatchNorm statistics (and the EMA of them) from its own shard; both are averaged over the
+    ranks before evaluation, so every rank evaluates, and rank 0 saves, the same models."""
+    overrides = _overrides("synthetic", one_per_class, tmp_path / "run") + ["optim.ema_decay=0.5"]
+    mp.spawn(_rank_main, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    running = [key for key in ranks[0]["buffers"] if key.endswith("running_mean")]
+    assert running
+    for key in running:
+        assert torch.equal(ranks[0]["buffers"][key], ranks[1]["buffers"][key]), key
+    for key, tensor in ranks[0]["ema"].items():
+        assert torch.equal(tensor, ranks[1]["ema"][key]), key
 
 
 def test_torchrun_cli_trains_with_two_processes(jpeg_dataset, tmp_path):
