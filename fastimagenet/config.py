@@ -48,7 +48,7 @@ class DataConfig:
 @dataclass
 class DaliOptions:
     device: str = "auto"  # gpu (mixed decode) | cpu | auto (gpu when training on CUDA)
-    threads: int = 0  # 0: loader.workers, or one per CPU core when that is 0 too
+    threads: int = 0  # 0: loader.workers, or its default (the process's share of the CPUs) when that is 0 too
     hw_decoder_load: float = 0.65  # share of JPEG decode sent to the A100/H100 hardware decoder
     prefetch: int = 2  # batches prepared ahead
 
@@ -62,7 +62,7 @@ class FfcvOptions:
 @dataclass
 class LoaderConfig:
     name: str = "torchvision"  # torchvision | dali | ffcv | synthetic
-    workers: int = 0  # 0: one per CPU core
+    workers: int = 0  # 0: this process's share of the CPUs (affinity / LOCAL_WORLD_SIZE), half of it for val
     synthetic_samples: int = 4096  # images per epoch for the synthetic loader
     dali: DaliOptions = field(default_factory=DaliOptions)
     ffcv: FfcvOptions = field(default_factory=FfcvOptions)
