@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from dataset_tools.scan import FolderScan
+from fastimagenet.atomic import atomic_output
 
 _CACHE_VERSION = 1
 
@@ -55,12 +55,11 @@ def _load_cache(path: Path) -> dict:
 
 
 def _save_cache(path: Path, files: dict) -> None:
-    """Written to a temporary file and renamed, so a crash never leaves a half-written cache."""
+    """Written atomically, so a crash never leaves a half-written cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            json.dump({"version": _CACHE_VERSION, "files": files}, tmp)
-        os.replace(tmp.name, path)
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps({"version": _CACHE_VERSION, "files": files}))
     except OSError as exc:  # an unwritable cache only costs the next run a re-check
         print(f"warning: could not write the image verification cache {path}: {exc}")
 
