@@ -124,8 +124,9 @@ def cmd_lr_find(args) -> None:
     from fastimagenet.config import load_config
     from fastimagenet.lr_find import check_plot_path, lr_range_test, save_plot
 
-    out = check_plot_path(args.out)
     cfg = load_config(args.config, _overrides(args))
+    # --out wins; else the run directory the config names; else runs/, like a run's own default
+    out = check_plot_path(args.out or Path(cfg.runtime.out_dir or "runs") / "lr_find.png")
     result = lr_range_test(cfg, args.steps, args.min_lr, args.max_lr)
     save_plot(result, out, f"{args.config or 'defaults'} ({cfg.model.arch}, {cfg.loader.name})")
     end = "stopped early: the loss diverged" if result.stopped_early else "reached --max-lr"
@@ -133,6 +134,27 @@ def cmd_lr_find(args) -> None:
     print(f"plot: {out}")
     print(f"suggested LR: optim.lr={result.suggested_lr:.3g} (per 256 images; "
           f"{result.suggested_lr * result.batch_size / 256:.3g} at batch {result.batch_size})")
+
+
+def cmd_eval(args) -> None:
+    from fastimagenet.evaluation import EvalOptions, report, run_eval
+
+    result = run_eval(EvalOptions(source=args.source, data=args.data, loader=args.loader or "",
+                                  resolution=args.resolution, crop_ratio=args.crop_ratio, tta_flip=args.tta_flip,
+                                  batch_size=args.batch_size, checkpoint=args.checkpoint or "", ema=args.ema,
+                                  arch=args.arch or "", per_class=args.per_class or "", overrides=args.overrides))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report(result))
+
+
+def cmd_show_batch(args) -> None:
+    from fastimagenet.config import load_config
+    from fastimagenet.show_batch import show_batch
+
+    split = "val" if args.val else "train"
+    cfg = load_config(None, [f"loader.name={args.loader}", f"data.{split}={args.data}", *args.overrides])
+    out = Path(args.out or f"runs/show-batch-{args.loader}-{split}-{args.resolution}px.png")
+    print(show_batch(cfg, out, not args.val, args.resolution, args.batch_size))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +257,42 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.add_argument("--markdown", action="store_true", help="Print the listing as the README's Markdown table.")
     recipes.set_defaults(func=cmd_recipes)
 
+    ev = sub.add_parser("eval", help="Score a run, a checkpoint or an exported model on a split, at any resolution "
+                                     "or crop; prints a line and one JSON line.")
+    ev.add_argument("source", metavar="SOURCE", help="A run directory, a checkpoint (.pt), or an exported "
+                                                     "state_dict (with --arch).")
+    ev.add_argument("--data", required=True, help="The split to score: an ImageFolder dir (a .beton for ffcv).")
+    ev.add_argument("--loader", choices=loaders.NAMES, help="Loader backend (default: the run's).")
+    ev.add_argument("--resolution", type=int, default=0, help="Eval resolution in pixels (default: the run's).")
+    ev.add_argument("--crop-ratio", type=float, default=0.0,
+                    help="Centre crop side / shorter image side (default: the run's data.crop_ratio).")
+    ev.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                    help="Score the image plus its mirror (default: the run's runtime.tta_flip).")
+    ev.add_argument("--batch-size", type=int, default=0, help="Global eval batch (default: the run's).")
+    ev.add_argument("--checkpoint", choices=("best", "last", "interrupted"),
+                    help="For a run directory: which checkpoint (default: best.pt when there is one, else last.pt).")
+    ev.add_argument("--ema", action="store_true", help="Score the EMA weights of the checkpoint.")
+    ev.add_argument("--arch", help="Architecture of an exported state_dict (a checkpoint knows its own).")
+    ev.add_argument("--per-class", metavar="FILE.csv", help="Also write per-class top-1 (class,images,top1).")
+    ev.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="Config overrides on top of the run's, e.g. runtime.device=cpu loader.workers=2.")
+    ev.set_defaults(func=cmd_eval)
+
+    show = sub.add_parser("show-batch", help="Draw one batch exactly as a loader delivers it (after crop and flip), "
+                                             "labelled with its class names, as a PNG.")
+    show.add_argument("--loader", choices=loaders.NAMES, default="torchvision",
+                      help="Loader backend (default: %(default)s).")
+    show.add_argument("--data", required=True, help="The split to read: an ImageFolder dir (a .beton for ffcv).")
+    show.add_argument("--resolution", type=int, default=224, help="Output side in pixels (default: %(default)s).")
+    show.add_argument("--batch-size", type=int, default=16, help="Images in the grid (default: %(default)s).")
+    which = show.add_mutually_exclusive_group()
+    which.add_argument("--train", action="store_true", help="Training augmentation: random crop + flip (default).")
+    which.add_argument("--val", action="store_true", help="Evaluation: resize + centre crop.")
+    show.add_argument("--out", help="PNG to write (default: runs/show-batch-LOADER-SPLIT-RESpx.png).")
+    show.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="Config overrides, e.g. data.scale=0.35,1 loader.workers=1.")
+    show.set_defaults(func=cmd_show_batch)
+
     lr_find = sub.add_parser("lr-find", help="LR range test on a recipe: plots loss vs LR and suggests optim.lr "
                                              "(writes only the plot, no run directory or checkpoint).")
     lr_find.add_argument("--config", help="A recipe: a YAML path or the name of a file in configs/.")
@@ -242,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("--steps", type=int, default=100, help="Optimizer steps in the sweep (at least 10).")
     lr_find.add_argument("--min-lr", type=float, default=1e-4, help="First LR, per 256 images like optim.lr.")
     lr_find.add_argument("--max-lr", type=float, default=10.0, help="Last LR, per 256 images like optim.lr.")
-    lr_find.add_argument("--out", default="lr_find.png", help="Where to write the PNG plot of loss vs LR.")
+    lr_find.add_argument("--out", help="Where to write the PNG plot of loss vs LR (default: RUNTIME.OUT_DIR/lr_find.png "
+                                       "when runtime.out_dir is set, else runs/lr_find.png).")
     lr_find.add_argument("overrides", nargs="*", metavar="key=value",
                          help="Config overrides, e.g. data.train=/data/train optim.batch_size=256.")
     lr_find.set_defaults(func=cmd_lr_find)

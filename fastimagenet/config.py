@@ -442,3 +442,11 @@ def from_saved(path: Path) -> Config:
     for key, value in _flatten(data).items():
         set_key(cfg, key, value, str(path))
     return cfg
+
+
+def from_dict(data: dict, source: str) -> Config:
+    """A Config from the nested mapping `to_dict` made (e.g. the copy a checkpoint carries)."""
+    cfg = Config()
+    for key, value in _flatten(data).items():
+        set_key(cfg, key, value, source)
+    return cfg

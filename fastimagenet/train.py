@@ -23,6 +23,7 @@ from fastimagenet.config import Config, save_config
 from fastimagenet.distributed import (DistEnv, all_reduce_sum, average_buffers, env_from_torchrun,
                                       init_process_group, is_main_process, shutdown)
 from fastimagenet.errors import UserError
+from fastimagenet.evaluation import evaluate
 from fastimagenet.flops import peak_tflops
 from fastimagenet.metrics import EpochResult, RunLogger, epoch_record
 from fastimagenet.optim import set_lr
@@ -98,38 +99,6 @@ def train_one_epoch(run: Training, row: EpochPlan) -> EpochResult:
                                          torch.tensor(images_per_s, device=rt.device)]))
     loss_total, steps_total, images_per_s = totals.tolist()  # sync: once per epoch
     return EpochResult(loss=loss_total / max(1, steps_total), images_per_s=images_per_s, seconds=end - start)
-
-
-@torch.no_grad()
-def evaluate(forward, model, loader, rt: Runtime, per_rank_batch: int, tta_flip: bool) -> dict:
-    """Top-1/top-5 and loss over every sample exactly once, summed over the ranks (each evaluates its own disjoint
-    shard). The last partial batch is padded to the full per-rank batch (padding labelled -1 and not counted) so
-    eval compiles one shape."""
-    model.eval()
-    sums = torch.zeros(4, device=rt.device)  # loss, top1, top5, count
-    for images, labels in loader:
-        missing = per_rank_batch - labels.shape[0]
-        if missing > 0:
-            images = torch.cat([images, images[:1].expand(missing, *images.shape[1:])]).contiguous(
-                memory_format=torch.channels_last)
-            labels = torch.cat([labels, labels.new_full((missing,), -1)])
-        with rt.autocast():
-            logits = forward(images)
-            if tta_flip:
-                logits = logits + forward(images.flip(3))
-        logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
-        sums += torch.stack([
-            F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum"),
-            hits[:, 0].sum(),
-            hits.any(dim=1).sum(),
-            (labels >= 0).sum(),
-        ]).float()
-    loss, top1, top5, count = all_reduce_sum(sums).tolist()  # sync: once per evaluation
-    if count == 0:
-        raise UserError("the validation split produced no samples")
-    return {"val_loss": loss / count, "val_top1": top1 / count, "val_top5": top5 / count, "val_images": int(count)}
 
 
 def validate_epoch(run: Training) -> dict:

@@ -42,7 +42,8 @@ class Training:
 
     def state(self, epoch: int, best_top1: float, **extra) -> dict:
         """A checkpoint of the run as of the end of `epoch`."""
-        state = training_state(self.model, self.optimizer, self.scaler, epoch, best_top1, to_dict(self.cfg), **extra)
+        state = training_state(self.model, self.optimizer, self.scaler, epoch, best_top1, to_dict(self.cfg),
+                               classes=self.train_loader.classes, **extra)
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state

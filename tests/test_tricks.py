@@ -21,7 +21,7 @@ from fastimagenet.metrics import read_metrics
 from fastimagenet.models import build_model
 from fastimagenet.runtime import resolve_runtime
 from fastimagenet.plan import build_plan
-from fastimagenet.train import evaluate
+from fastimagenet.evaluation import evaluate
 from fastimagenet.training_setup import build_loaders
 from tests.conftest import TINY_RUN
 
@@ -162,6 +162,15 @@ def test_lr_find_stops_when_the_loss_diverges(jpeg_dataset):
     result = lr_range_test(cfg, steps=20, min_lr=10.0, max_lr=1e8)
     assert result.stopped_early and len(result.lrs) < 20
     assert 0 < result.suggested_lr < result.lrs[-1]  # below where it blew up
+
+
+def test_lr_find_writes_into_runtime_out_dir_when_no_out_is_given(jpeg_dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["lr-find", "--config", "resnet10_small_32px", f"data.train={jpeg_dataset / 'train'}",
+                 "model.width=16", "optim.batch_size=16", "loader.workers=1", "runtime.device=cpu",
+                 f"runtime.out_dir={tmp_path / 'mine'}", "--steps", "10"]) == 0
+    assert f"plot: {tmp_path / 'mine' / 'lr_find.png'}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # nothing in the current directory
 
 
 @pytest.mark.parametrize("args, message", [
