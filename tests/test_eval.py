@@ -21,7 +21,8 @@ def finished_run(jpeg_dataset, tmp_path_factory):
 
 
 def _eval(capsys, *args) -> dict:
-    assert main(["eval", *map(str, args), "loader.workers=1"]) == 0
+    source, *options = map(str, args)
+    assert main(["eval", source, "loader.workers=1", *options]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("eval ") and "top-1" in lines[-2]
     return json.loads(lines[-1])
