@@ -65,6 +65,13 @@ def train_step(run: Training, images: torch.Tensor, labels: torch.Tensor, accum_
     return loss.detach()
 
 
+def accumulation_group(step: int, steps: int, accum_steps: int) -> int:
+    """Micro-batches in the optimizer step that `step` belongs to: `accum_steps`, except for a last group cut short
+    by the end of the epoch, which is averaged over the micro-batches it has (a smaller big batch, not a
+    down-weighted one)."""
+    return min(accum_steps, steps - step // accum_steps * accum_steps)
+
+
 def train_one_epoch(run: Training, row: EpochPlan) -> EpochResult:
     rt, loader = run.rt, run.train_loader
     run.train_module.train()
@@ -79,8 +86,9 @@ def train_one_epoch(run: Training, row: EpochPlan) -> EpochResult:
             rt.synchronize()  # sync: start the throughput clock after warm-up (once per epoch)
             timed_start, timed_images = time.perf_counter(), images_seen
         set_lr(run.optimizer, run.plan.lr(row.epoch, step, steps))
+        group = accumulation_group(step, steps, row.accum_steps)
         update = (step + 1) % row.accum_steps == 0 or step + 1 == steps
-        loss_sum += train_step(run, images, labels, row.accum_steps, update)
+        loss_sum += train_step(run, images, labels, group, update)
         images_seen += labels.shape[0]
         bar.update()
         if (step + 1) % run.cfg.runtime.log_interval == 0:
