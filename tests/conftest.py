@@ -32,6 +32,21 @@ def train(loader, data, out_dir, *extra) -> list[dict]:
     return read_metrics(out_dir)
 
 
+# Dynamo settings a test (or the code it runs: runtime.compile_module) may change; restored after every test.
+_DYNAMO_SETTINGS = ("recompile_limit", "accumulated_recompile_limit", "fail_on_recompile_limit_hit")
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path_factory, monkeypatch):
+    """Every test gets its own image-verification cache (never ~/.cache) and leaves torch's global compile
+    settings as it found them."""
+    monkeypatch.setenv("FASTIMAGENET_CACHE", str(tmp_path_factory.mktemp("cache")))
+    saved = {key: getattr(torch._dynamo.config, key) for key in _DYNAMO_SETTINGS}
+    yield
+    for key, value in saved.items():
+        setattr(torch._dynamo.config, key, value)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from nvidia.dali import backend as dali_backend, backend_impl as dali_backend_impl
 from PIL import Image
 
 import loaders
@@ -21,19 +22,9 @@ from dataset_tools import verify
 from dataset_tools.scan import scan_image_folder
 from fastimagenet.config import DaliOptions, LoaderConfig
 from fastimagenet.errors import UserError
+from loaders.dali_loader import (DALI_FORMATS, Handover, decoder_options, dali_failure, handover, output_stream,
+                                 pipeline_error)
 from tests.conftest import make_spec, train
-
-pytest.importorskip("nvidia.dali")
-
-from nvidia.dali import backend as dali_backend, backend_impl as dali_backend_impl  # noqa: E402
-
-from loaders.dali_loader import (DALI_FORMATS, Handover, decoder_options, dali_failure, handover,  # noqa: E402
-                                 output_stream, pipeline_error)
-
-
-@pytest.fixture(autouse=True)
-def private_verify_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FASTIMAGENET_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 def dali_spec(path, device="cpu", **kwargs):

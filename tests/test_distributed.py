@@ -103,6 +103,7 @@ def _overrides(name, data, out_dir):
             *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["torchvision", "synthetic", "dali", "ffcv"])
 def test_two_processes_shard_agree_and_match_one_process(name, one_per_class, tmp_path):
     data = data_path(name, one_per_class, tmp_path)  # 16 samples, one per class: a label names its sample
@@ -135,6 +136,7 @@ def test_two_processes_shard_agree_and_match_one_process(name, one_per_class, tm
     assert same(ranks[0]["record"]) == same(ranks[1]["record"])  # reduced metrics: every rank reports the same
 
 
+@pytest.mark.slow
 def test_replicas_end_with_the_same_bn_statistics_and_the_same_ema(one_per_class, tmp_path):
     """Each rank updates BatchNorm statistics (and the EMA of them) from its own shard; both are averaged over the
     ranks before evaluation, so every rank evaluates, and rank 0 saves, the same models."""
@@ -149,6 +151,7 @@ def test_replicas_end_with_the_same_bn_statistics_and_the_same_ema(one_per_class
         assert torch.equal(tensor, ranks[1]["ema"][key]), key
 
 
+@pytest.mark.slow
 def test_torchrun_cli_trains_with_two_processes(jpeg_dataset, tmp_path):
     """The documented command (here with DDP's static graph)."""
     out = tmp_path / "run"

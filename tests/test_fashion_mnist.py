@@ -56,6 +56,7 @@ def test_bad_sources_have_clear_errors(tiny_source, tmp_path):
 
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.slow
 def test_demo_command_learns_fashion_mnist_quickly(tmp_path, monkeypatch, capsys):
     """The real demo data and recipe, shortened to one low-resolution epoch."""
     from fastimagenet import cli
