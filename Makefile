@@ -5,13 +5,17 @@ BIN := $(VENV)/bin
 APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu system-deps venv clean
+.PHONY: demo test test-quick test-gpu system-deps venv clean
 
 demo: $(STAMP)
 	$(BIN)/fastimagenet demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Everything but the tests marked slow (real processes, torchrun, the whole demo): a quicker loop while editing.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # GPU tests only (run on a machine with CUDA).
 test-gpu: $(STAMP)
