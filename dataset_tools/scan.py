@@ -25,12 +25,15 @@ class FolderScan:
 
 def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None) -> FolderScan:
     """List the images of a split. `classes`: the train split's class list, when scanning another split."""
-    root = Path(root)
-    if not str(root):
+    if not str(root).strip():  # Path("") would be the current directory
         raise UserError("no data directory given (set data.train / data.val)")
+    root = Path(root)
     if not root.exists():
         raise UserError(f"{root}: data directory does not exist")
     if not root.is_dir():
+        if root.suffix == ".beton":
+            raise UserError(f"{root}: a .beton file is read by the ffcv loader: use --loader ffcv (loader.name=ffcv), "
+                            "or give this loader the ImageFolder directory")
         raise UserError(f"{root}: expected an ImageFolder directory (root/<class>/<image>), found a file")
     found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not found:

@@ -11,6 +11,7 @@ import torch
 
 import loaders
 from fastimagenet.config import DataConfig, LoaderConfig
+from fastimagenet.errors import UserError
 from loaders.base import LoaderSpec
 
 
@@ -54,6 +55,8 @@ def torchvision_reference(data: str, resolution: int, batch_size: int, workers: 
 
 def image_folder_of(data: str) -> str:
     """The ImageFolder behind a benchmark's data: the folder itself, or the one a .beton was converted from."""
+    if not data:
+        raise UserError("bench loader: --baseline torchvision reads an ImageFolder: give it with --data DIR")
     if not data.endswith(".beton"):
         return data
     from dataset_tools.convert import read_sidecar
@@ -66,7 +69,8 @@ def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers
     options = options or LoaderConfig(name=name, workers=workers)
     workers = workers or os.cpu_count() or 1
     spec = LoaderSpec(path=data, train=True, resolution=resolution, batch_size=batch_size,
-                      device=torch.device(device), augment=DataConfig(), options=options)
+                      device=torch.device(device), augment=DataConfig(), options=options, path_key="--data",
+                      batch_key="--batch-size")
     pipelines = {"images_per_s": loaders.build_loader(name, spec)}
     for baseline in baselines:
         if baseline == "torchvision":

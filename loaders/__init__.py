@@ -28,6 +28,7 @@ _BACKENDS = {
 }
 
 NAMES = tuple(_BACKENDS)
+_READS_NO_FILES = ("synthetic",)  # backends that make their data up and ignore LoaderSpec.path
 
 
 def _backend_module(name: str):
@@ -42,12 +43,23 @@ def _backend_module(name: str):
         raise UserError(f"the '{name}' loader needs '{exc.name}', which is not installed: {install}") from None
 
 
+def check_data_path(name: str, spec: LoaderSpec) -> None:
+    """An unset path must not reach a backend: read as a path, "" is the current directory. Checked here, once for
+    every backend and every command, naming the setting that is missing."""
+    if name not in _READS_NO_FILES and not str(spec.path).strip():
+        split = "train" if spec.train else "validation"
+        what = "an ImageFolder directory" if name != "ffcv" else "a .beton file"
+        raise UserError(f"no {split} data given: set {spec.path_setting()} ({what} for the '{name}' loader)")
+
+
 def build_loader(name: str, spec: LoaderSpec) -> Loader:
+    check_data_path(name, spec)
     return getattr(_backend_module(name), _BACKENDS[name][1])(spec)
 
 
 def build_raw_pipeline(name: str, spec: LoaderSpec):
     """The backend's library used by hand, doing the same work: the baseline our wrapper must keep up with."""
+    check_data_path(name, spec)
     module = _backend_module(name)
     if not hasattr(module, "raw_pipeline"):
         raise UserError(f"the '{name}' loader has no raw-library baseline (only dali and ffcv do)")

@@ -50,6 +50,16 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0  # rank within this node: local rank 0 does the node's one-off work (image verification)
+    # Where `path` and `batch_size` were set, named in messages: "" means the training config's keys (data.train or
+    # data.val; optim.batch_size or a stage's batch); `bench loader` passes its own flags (--data, --batch-size).
+    path_key: str = ""
+    batch_key: str = ""
+
+    def path_setting(self) -> str:
+        return self.path_key or ("data.train" if self.train else "data.val")
+
+    def batch_setting(self) -> str:
+        return self.batch_key or "optim.batch_size or the stage's batch"
 
     def per_rank_batch(self, batch_size: int | None = None) -> int:
         batch_size = self.batch_size if batch_size is None else batch_size
@@ -86,11 +96,13 @@ def local_world_size() -> int:
         return 1
 
 
-def check_batch_fits(batch_size: int, samples: int, what: str) -> None:
-    """A training loader drops the last partial batch, so a batch larger than the data would train on nothing."""
+def check_batch_fits(batch_size: int, samples: int, what: str,
+                     setting: str = "optim.batch_size or the stage's batch") -> None:
+    """A training loader drops the last partial batch, so a batch larger than the data would train on nothing.
+    `setting`: what the user lowers (LoaderSpec.batch_setting())."""
     if batch_size > samples:
         raise UserError(f"{what}: batch size {batch_size} is larger than the {samples} samples per process "
-                        "(lower optim.batch_size or the stage's batch)")
+                        f"(lower {setting})")
 
 
 def rank_share(order: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:

@@ -196,7 +196,8 @@ class DaliLoader:
 
     def _check_fits(self) -> None:
         if self.spec.train:
-            check_batch_fits(self.batch_size, len(self._paths) // self.spec.world_size, self.spec.path)
+            check_batch_fits(self.batch_size, len(self._paths) // self.spec.world_size, self.spec.path,
+                             self.spec.batch_setting())
 
     def _indices(self) -> torch.Tensor:
         return rank_share(epoch_order(len(self._paths), self.spec.seed, self.epoch, self.spec.train), self.spec)

@@ -156,7 +156,8 @@ class FfcvLoader:
 
     def _check_fits(self, per_rank_batch: int) -> None:
         if self.spec.train:
-            check_batch_fits(per_rank_batch, len(self._loader.first_traversal_order), self.spec.path)
+            check_batch_fits(per_rank_batch, len(self._loader.first_traversal_order), self.spec.path,
+                             self.spec.batch_setting())
 
     def __len__(self) -> int:
         return len(self._loader)

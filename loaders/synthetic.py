@@ -17,7 +17,8 @@ class SyntheticLoader:
         self.samples = spec.options.synthetic_samples
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
         if spec.train:
-            check_batch_fits(self.batch_size, self.samples // spec.world_size, "synthetic loader")
+            check_batch_fits(self.batch_size, self.samples // spec.world_size, "synthetic loader",
+                             spec.batch_setting())
 
     def __len__(self) -> int:
         return batches_per_epoch(self.samples // self.spec.world_size, self.batch_size, self.spec.train)
@@ -28,7 +29,8 @@ class SyntheticLoader:
     def reconfigure(self, resolution: int, batch_size: int) -> None:
         self.resolution, self.batch_size = resolution, self.spec.per_rank_batch(batch_size)
         if self.spec.train:
-            check_batch_fits(self.batch_size, self.samples // self.spec.world_size, "synthetic loader")
+            check_batch_fits(self.batch_size, self.samples // self.spec.world_size, "synthetic loader",
+                             self.spec.batch_setting())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.spec.seed * 10_007 + self.epoch + 7919 * self.spec.rank)

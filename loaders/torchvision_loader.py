@@ -137,7 +137,8 @@ class TorchvisionLoader:
         self.skipped: dict[str, str] = {}
         self._sampler = _EpochBatchSampler(len(scan.samples), spec)
         if spec.train:
-            check_batch_fits(self._sampler.batch_size, len(scan.samples) // spec.world_size, spec.path)
+            check_batch_fits(self._sampler.batch_size, len(scan.samples) // spec.world_size, spec.path,
+                             spec.batch_setting())
         workers = self._workers = spec.workers()
         check_shared_memory(workers, self._sampler.batch_size, spec.resolution)
         self._loader = DataLoader(
@@ -160,7 +161,8 @@ class TorchvisionLoader:
     def reconfigure(self, resolution: int, batch_size: int) -> None:
         per_rank = self.spec.per_rank_batch(batch_size)
         if self.spec.train:
-            check_batch_fits(per_rank, self._sampler.count // self.spec.world_size, self.spec.path)
+            check_batch_fits(per_rank, self._sampler.count // self.spec.world_size, self.spec.path,
+                             self.spec.batch_setting())
         if _batch_bytes(per_rank, resolution) > _batch_bytes(self._sampler.batch_size, self._sampler.resolution):
             check_shared_memory(self._workers, per_rank, resolution)
         self._sampler.resolution, self._sampler.batch_size = resolution, per_rank
