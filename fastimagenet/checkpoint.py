@@ -5,7 +5,9 @@ Files in a run directory:
   last.pt              end of the last finished epoch: what `train --resume RUN_DIR` continues from
   best.pt              the best epoch so far (a hard link to one of the best-epochNNN.pt files)
   best-epochNNN.pt     the `runtime.keep_best` best epochs
-  interrupted.pt       the weights at the moment of a Ctrl-C, mid-epoch (for export; resume uses last.pt)
+  best-ema.pt          runs with an EMA: the epoch whose EMA weights scored best (`export --ema` takes it)
+  interrupted.pt       the weights at the moment of a Ctrl-C, mid-epoch (for export; resume uses last.pt); removed
+                       once a resumed run finishes an epoch, as last.pt is then newer
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from fastimagenet.atomic import atomic_output
-from fastimagenet.config import Config, apply_overrides, from_saved, validate
+from fastimagenet.config import Config, apply_overrides, differing_keys, from_saved, validate
 from fastimagenet.errors import UserError
 
 
@@ -88,47 +90,92 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return state
 
 
+# What a resume may change: where and how fast the rest of the run goes, never what it trains. Every other key
+# (epochs, schedule.*, optim.*, model.* but sync_bn, data.* but the paths, runtime.seed, ...) shaped the epochs
+# already run: changing it on resume would give a run that no single config describes (e.g. `epochs=3` on a
+# finished 2-epoch run re-stretched an LR schedule that had already reached zero).
+RESUME_MAY_CHANGE = (
+    "data.train", "data.val",  # the same data, at its path on this machine
+    "loader.",  # every backend feeds the same augmentation (but synthetic_samples, refused below)
+    "model.sync_bn",
+    "runtime.device", "runtime.precision", "runtime.compile", "runtime.compile_backend", "runtime.channels_last",
+    "runtime.log_interval", "runtime.peak_tflops", "runtime.ddp_bucket_mb", "runtime.ddp_static_graph",
+    "runtime.keep_best",
+)
+
+
+def may_change_on_resume(key: str) -> bool:
+    if key == "loader.synthetic_samples":
+        return False
+    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUME_MAY_CHANGE)
+
+
+def check_resume_changes(saved: Config, cfg: Config, run_dir: Path) -> None:
+    """Refuse a resumed config that differs from the saved one in a key that shaped the epochs already run."""
+    refused = [(key, old, new) for key, old, new in differing_keys(saved, cfg) if not may_change_on_resume(key)]
+    if refused:
+        changes = ", ".join(f"'{key}' ({old!r} -> {new!r})" for key, old, new in refused)
+        raise UserError(f"{run_dir}: --resume continues the run as it was planned and trained; {changes} would "
+                        "change its past. A resume may change only where and how it runs (data.train/data.val "
+                        "paths, loader.*, runtime.device, runtime.precision, runtime.compile, ...); to train "
+                        "longer or differently, start a new run")
+
+
 def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Path]:
-    """The config a run saved (plus `key=value` overrides, e.g. runtime.device) and the checkpoint to continue
-    from. The run continues in its own directory."""
+    """The config a run saved (plus `key=value` overrides of runtime settings, e.g. runtime.device; see
+    RESUME_MAY_CHANGE) and the checkpoint to continue from. The run continues in its own directory."""
     run_dir = Path(run_dir)
     config_path, last = run_dir / "config.yaml", run_dir / "last.pt"
     if not config_path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
     if not last.is_file():
         raise UserError(f"{run_dir}: no finished epoch to resume from (no last.pt)")
+    saved = from_saved(config_path)
     cfg = from_saved(config_path)
     apply_overrides(cfg, overrides)
-    cfg.runtime.out_dir = str(run_dir)
+    if cfg.runtime.out_dir != saved.runtime.out_dir and Path(cfg.runtime.out_dir) != run_dir:
+        raise UserError(f"{run_dir}: --resume continues in the run's own directory; drop runtime.out_dir")
+    cfg.runtime.out_dir = saved.runtime.out_dir = str(run_dir)
+    check_resume_changes(saved, cfg, run_dir)
     validate(cfg)
     return cfg, last
 
 
 class CheckpointKeeper:
-    """Writes last.pt every epoch and keeps the `keep_best` best epochs by val top-1 (ties keep the earlier).
+    """Writes last.pt every epoch and keeps the `keep_best` best epochs by val top-1 (ties keep the earlier), and,
+    for runs with an EMA, the epoch whose EMA scored best (its own ranking: the EMA often peaks at another epoch).
     Every rank ranks the epochs; only rank 0 has a run directory and saves."""
 
-    def __init__(self, run_dir: Path | None, keep_best: int, ranking: list[tuple[float, int]] | None = None):
+    def __init__(self, run_dir: Path | None, keep_best: int, ranking: list[tuple[float, int]] | None = None,
+                 ema_best: tuple[float, int] | None = None):
         self.run_dir, self.keep_best = run_dir, keep_best
         self.ranking = [tuple(r) for r in ranking or []]  # (top1, epoch), best first
+        self.ema_best = tuple(ema_best) if ema_best else None  # (ema top1, epoch)
 
     def best_top1(self) -> float:
         return self.ranking[0][0] if self.ranking else -1.0
 
-    def rank(self, epoch: int, top1: float) -> None:
+    def rank(self, epoch: int, top1: float, ema_top1: float | None = None) -> None:
         ranking = [r for r in self.ranking if r[1] != epoch] + [(top1, epoch)]
         self.ranking = sorted(ranking, key=lambda r: (-r[0], r[1]))[: self.keep_best]
+        if ema_top1 is not None and (self.ema_best is None or self.ema_best[1] == epoch
+                                     or ema_top1 > self.ema_best[0]):
+            self.ema_best = (ema_top1, epoch)
 
     def save(self, state: dict, epoch: int) -> None:
-        """Call after `rank(epoch, ...)`, with a state that carries the new ranking."""
+        """Call after `rank(epoch, ...)`, with a state that carries the new ranking. A finished epoch makes an
+        earlier Ctrl-C's interrupted.pt stale (last.pt is newer), so it goes."""
         atomic_torch_save(state, self.run_dir / "last.pt")
         self.link_best(epoch)
+        (self.run_dir / "interrupted.pt").unlink(missing_ok=True)
 
     def link_best(self, epoch: int) -> None:
         """Give last.pt (the checkpoint of `epoch`) its best-epoch names and drop the epochs no longer ranked.
         Idempotent: a resume calls it again for the checkpoint it continues from, finishing links that a kill
         between writing last.pt and linking it left undone."""
         last = self.run_dir / "last.pt"
+        if self.ema_best is not None and self.ema_best[1] == epoch:
+            _atomic_link(last, self.run_dir / "best-ema.pt")
         kept = {e for _, e in self.ranking}
         if epoch not in kept:
             return

@@ -1,4 +1,8 @@
-"""The `fastimagenet` command line. Each subcommand is a thin layer over a function that tests call directly."""
+"""fastimagenet: train ResNets on ImageNet-style data (ImageFolder or .beton) as fast as the data pipeline allows.
+
+Start with `fastimagenet demo` (a small run on the built-in Fashion-MNIST, CPU, minutes), then
+`fastimagenet train --config RECIPE data.train=DIR data.val=DIR`; `fastimagenet recipes` lists the recipes.
+Every command takes --help."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 from pathlib import Path
 
 import loaders
-from fastimagenet.errors import UserError
+from fastimagenet.errors import Interrupted, UserError
 
 DATA_HOME = Path(os.environ.get("FASTIMAGENET_DATA", Path.home() / ".cache" / "fastimagenet"))
 
@@ -27,17 +31,17 @@ def cmd_train(args) -> None:
     if args.resume:
         from fastimagenet.checkpoint import resume_config
 
-        if args.config or args.loader:
-            raise UserError("--resume continues a run with its saved config: drop --config/--loader")
+        if args.config or args.loader or args.overwrite:
+            raise UserError("--resume continues a run with its saved config: drop --config/--loader/--overwrite")
         fit(*resume_config(Path(args.resume), args.overrides))
         return
-    fit(load_config(args.config, _overrides(args)))
+    fit(load_config(args.config, _overrides(args)), overwrite=args.overwrite)
 
 
 def cmd_export(args) -> None:
     from fastimagenet.export import export
 
-    export(Path(args.run_dir), Path(args.out), args.checkpoint, args.ema)
+    export(Path(args.run_dir), Path(args.out), args.checkpoint, args.ema, args.allow_blurpool)
 
 
 def cmd_plot(args) -> None:
@@ -55,13 +59,19 @@ def cmd_demo(args) -> None:
     overrides = [f"data.train={root / 'train'}", f"data.val={root / 'val'}"]
     if args.out_dir:
         overrides.append(f"runtime.out_dir={args.out_dir}")
-    record = fit(load_config("demo_fashion_mnist", overrides + _overrides(args)))
+    record = fit(load_config("demo_fashion_mnist", overrides + _overrides(args)), overwrite=args.overwrite)
     print(f"demo: Fashion-MNIST val top-1 {record['val_top1']:.2%}")
 
 
 def cmd_bench_loader(args) -> None:
     from fastimagenet.bench import bench_loader, print_result
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("bench loader: --device cuda but torch sees no CUDA device on this machine; use --device "
+                            "cpu")
     # `--baseline` with no value means the torchvision reference; no flag means no baseline.
     baselines = [] if args.baseline is None else (args.baseline or ["torchvision"])
     print_result(bench_loader(args.loader, args.data, args.resolution, args.batch_size, args.workers, args.device,
@@ -69,6 +79,18 @@ def cmd_bench_loader(args) -> None:
 
 
 def cmd_make_data(args) -> None:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.force:
+            raise UserError(f"{out}: not empty; new images would mix with what is there. Choose an empty or new "
+                            "directory, or pass --force to replace its train/ and val/")
+        import shutil
+
+        for split in ("train", "val"):
+            shutil.rmtree(out / split, ignore_errors=True)
+        (out / ".complete").unlink(missing_ok=True)
     if args.kind == "fashion-mnist":
         from dataset_tools.fashion_mnist import prepare_fashion_mnist
 
@@ -167,17 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="Config overrides, e.g. data.train=/data/train epochs=16 optim.lr=0.5.")
     train.add_argument("--resume", metavar="RUN_DIR",
-                       help="Continue the run in RUN_DIR from its last finished epoch, with its saved config "
-                            "(key=value overrides still apply, e.g. runtime.device=cpu).")
+                       help="Continue the run in RUN_DIR from its last finished epoch, with its saved config. "
+                            "key=value overrides may change only where and how it runs (runtime.device, "
+                            "runtime.precision, runtime.compile, loader.*, the data.train/data.val paths, ...), "
+                            "never what it trains (epochs, schedule.*, optim.*, model.*: an error).")
+    train.add_argument("--overwrite", action="store_true",
+                       help="runtime.out_dir may hold a previous run: its files are deleted before this run starts "
+                            "(without it, such a directory is an error).")
     train.set_defaults(func=cmd_train)
 
-    export = sub.add_parser("export", help="Write a run's weights as a plain state_dict for its torchvision model.")
+    export = sub.add_parser("export", help="Write a run's model for use outside fastimagenet (OUT.pt2: a "
+                                           "self-contained torch.export program; OUT.pt: a state_dict), with "
+                                           "OUT.json describing classes, input normalisation and resolution.")
     export.add_argument("run_dir", metavar="RUN_DIR", help="The run directory (holds best.pt, last.pt).")
-    export.add_argument("out", metavar="OUT.pt", help="Output file (written atomically).")
+    export.add_argument("out", metavar="OUT", help="OUT.pt2: network + normalisation as a torch.export program that "
+                                                   "runs without fastimagenet; OUT.pt: a plain state_dict. Written "
+                                                   "atomically, with OUT.json beside it.")
     export.add_argument("--checkpoint", choices=("best", "last", "interrupted"), default="best",
-                        help="Which checkpoint: the best epoch by val top-1 (default), the last finished epoch, "
-                             "or the weights saved on Ctrl-C.")
+                        help="Which checkpoint: the best epoch by val top-1 (default; with --ema, the epoch best by "
+                             "the EMA's val top-1), the last finished epoch, or the weights saved on Ctrl-C.")
     export.add_argument("--ema", action="store_true", help="Export the EMA weights (runs with optim.ema_decay>0).")
+    export.add_argument("--allow-blurpool", action="store_true",
+                        help="Write OUT.pt for a BlurPool model anyway: it loads only into "
+                             "fastimagenet.models.build_model(..., blurpool=True), not into torchvision's ResNet.")
     export.set_defaults(func=cmd_export)
 
     plot = sub.add_parser("plot", help="Draw RUN_DIR/run.png: loss, accuracy, LR, resolution/batch and speed.")
@@ -186,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="Train a small ResNet on the built-in Fashion-MNIST dataset (CPU, minutes).")
     demo.add_argument("--loader", choices=loaders.NAMES, help="Loader backend for the demo (default torchvision).")
-    demo.add_argument("--out-dir", help="Run directory (default runs/<arch>-<timestamp>).")
+    demo.add_argument("--out-dir", help="Run directory, the same as runtime.out_dir=DIR (default "
+                                        "runs/<arch>-<timestamp>).")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="The run directory may hold a previous run: its files are deleted first.")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides on top of the demo recipe.")
     demo.set_defaults(func=cmd_demo)
 
@@ -198,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--resolution", type=int, default=176, help="Output resolution in pixels.")
     bl.add_argument("--batch-size", type=int, default=64, help="Images per batch.")
     bl.add_argument("--workers", type=int, default=0, help="Worker processes/threads (0: the CPUs this process may use).")
-    bl.add_argument("--device", default="cpu", help="Where batches are delivered: cpu or cuda.")
+    bl.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Where batches are delivered.")
     bl.add_argument("--rounds", type=int, default=3,
                     help="Timed passes per pipeline, taken in turns after one untimed pass each; medians reported.")
     bl.add_argument("--baseline", nargs="*", choices=("torchvision", "raw"),
@@ -213,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--classes", type=int, default=10, help="jpegs: number of classes.")
     make.add_argument("--per-class", type=int, default=50, help="jpegs: train images per class (val gets 1/5).")
     make.add_argument("--size", type=int, default=400, help="jpegs: typical image side in pixels.")
+    make.add_argument("--force", action="store_true",
+                      help="Write into a non-empty OUT: its train/ and val/ are deleted first (fashion-mnist: "
+                           "the whole of OUT is replaced). Without it a non-empty OUT is an error.")
     make.set_defaults(func=cmd_make_data)
 
     from dataset_tools.convert import WRITE_MODES, ConvertOptions  # numpy + PIL only: a light import
@@ -305,6 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("overrides", nargs="*", metavar="key=value",
                          help="Config overrides, e.g. data.train=/data/train optim.batch_size=256.")
     lr_find.set_defaults(func=cmd_lr_find)
+    return _show_defaults(parser)
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help lines end with the option's default, unless it says it already or there is none worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, "", [], argparse.SUPPRESS)
+                and "default" not in text.lower()):
+            text = text[:-1] + " (default: %(default)s)." if text.endswith(".") else text + " (default: %(default)s)"
+        return text
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every parser and sub-parser shows defaults (set after building, so each add_parser call stays plain)."""
+    parser.formatter_class = _DefaultsHelp
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
     return parser
 
 
@@ -312,10 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe (`| head`) is reported here, not at exit
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except BrokenPipeError:
+        # Whoever read our output (e.g. `| head`) stopped reading: not a failure. Point stdout at /dev/null so the
+        # interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # an Interrupted was already reported by the command
+            print("interrupted", file=sys.stderr)
         return 130
     return 0

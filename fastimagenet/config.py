@@ -176,7 +176,13 @@ def did_you_mean(word: str, options, cutoff: float = 0.6) -> str:
 
 
 def _unknown_key(key: str, source: str) -> UserError:
-    return UserError(f"{source}: unknown config key '{key}'{did_you_mean(key, all_keys(), cutoff=0.5)}")
+    hint = did_you_mean(key, all_keys(), cutoff=0.5)
+    if not hint:  # a key without its group (`lr=0.1`): match the last part against each key's last part
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(all_keys())}  # the first key of a shared leaf wins
+        close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+        hint = f" — did you mean '{leaves[close[0]]}'?" if close else ""
+    return UserError(f"{source}: unknown config key '{key}'{hint}")
 
 
 def _is_record(annotation) -> bool:
@@ -403,7 +409,9 @@ def _validate_stages(stages: tuple[Stage, ...], epochs: int) -> None:
     if starts and (starts[0] != 0 or starts != sorted(set(starts))):
         raise UserError("config: 'schedule.stages' must start at epoch 0 with increasing start epochs")
     if starts and starts[-1] >= epochs:
-        raise UserError(f"config: 'schedule.stages' has a stage at epoch {starts[-1]} but the run has {epochs} epochs")
+        raise UserError(f"config: 'schedule.stages' has a stage at epoch {starts[-1]} but the run has {epochs} epochs "
+                        "(explicit stages count epochs and do not scale with 'epochs'; give stages that fit, or "
+                        "'schedule.stages=' for the resolution ramp, which is set in fractions of the run)")
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -428,16 +436,25 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    """The resolved config, plus the commit and seed that make the run reproducible."""
+def save_config(cfg: Config, path: Path, resolved: dict | None = None) -> None:
+    """The config, plus the commit and seed that make the run reproducible and, under `resolved:`, what the `auto`
+    settings became on this machine (device, precision, compile, processes). `from_saved` reads the config part."""
     header = {"git_commit": git_commit(), "seed": cfg.runtime.seed}
-    path.write_text(yaml.safe_dump({"run": header, **to_dict(cfg)}, sort_keys=False))
+    extra = {"resolved": resolved} if resolved else {}
+    path.write_text(yaml.safe_dump({"run": header, **extra, **to_dict(cfg)}, sort_keys=False))
+
+
+def differing_keys(saved: Config, other: Config) -> list[tuple[str, object, object]]:
+    """(key, saved value, other value) for every dotted key whose values differ, in the config's key order."""
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(other))
+    return [(key, a[key], b[key]) for key in a if a[key] != b[key]]
 
 
 def from_saved(path: Path) -> Config:
     """Rebuild the Config a run saved (used by resume and export)."""
     data = yaml.safe_load(path.read_text())
     data.pop("run", None)
+    data.pop("resolved", None)
     cfg = Config()
     for key, value in _flatten(data).items():
         set_key(cfg, key, value, str(path))

@@ -132,7 +132,7 @@ def _summary(records: list[dict], cfg, plan) -> str:
         f"epochs run       {last['epoch'] + 1} / {cfg.epochs}",
         f"last val top-1   {last['val_top1']:.2%}",
         f"last val top-5   {last['val_top5']:.2%}",
-        f"best val top-1   {best['val_top1']:.2%} (epoch {best['epoch']})",
+        f"best val top-1   {best['val_top1']:.2%} (epoch {best['epoch']}, at {best['epoch'] + 1} on the x axes)",
         f"train time       {hours * 60:.1f} min",
         f"mean images/s    {sum(r['images_per_s'] for r in records) / len(records):,.0f}",
         f"last TFLOP/s     {last['tflops']:.3g}" if "tflops" in last else None,

@@ -22,13 +22,14 @@ from fastimagenet.checkpoint import CheckpointKeeper, atomic_torch_save, load_ch
 from fastimagenet.config import Config, save_config
 from fastimagenet.distributed import (DistEnv, all_reduce_sum, average_buffers, env_from_torchrun,
                                       init_process_group, is_main_process, shutdown)
-from fastimagenet.errors import UserError
+from fastimagenet.errors import Interrupted, UserError
 from fastimagenet.evaluation import evaluate
 from fastimagenet.flops import peak_tflops
 from fastimagenet.metrics import EpochResult, RunLogger, epoch_record
 from fastimagenet.optim import set_lr
 from fastimagenet.plan import EpochPlan, build_plan
 from fastimagenet.plots import write_run_plot
+from fastimagenet.run_dir import check_out_dir, discard_run_dir, make_run_dir
 from fastimagenet.runtime import Runtime, resolve_runtime, seed_everything, sync_bn_compile_warning
 from fastimagenet.training_setup import Training, build_training
 
@@ -36,11 +37,9 @@ from fastimagenet.training_setup import Training, build_training
 _TIMING_WARMUP_STEPS = 2
 
 
-def make_run_dir(cfg: Config) -> Path:
-    out = cfg.runtime.out_dir or f"runs/{cfg.model.arch}-{datetime.now():%Y%m%d-%H%M%S}"
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def run_dir_of(cfg: Config) -> Path:
+    """runtime.out_dir, or a new runs/<arch>-<time> (made by rank 0 when training starts: fastimagenet/run_dir.py)."""
+    return Path(cfg.runtime.out_dir or f"runs/{cfg.model.arch}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
 def train_step(run: Training, images: torch.Tensor, labels: torch.Tensor, accum_steps: int, update: bool):
@@ -125,9 +124,10 @@ def validate_epoch(run: Training) -> dict:
     return val
 
 
-def fit(cfg: Config, resume_from: Path | None = None) -> dict:
+def fit(cfg: Config, resume_from: Path | None = None, overwrite: bool = False) -> dict:
     """Train per the config; returns the last epoch's metrics record. Under torchrun, each process trains its shard
-    of the data with DDP. `resume_from`: a checkpoint (last.pt) to continue from, exactly where it stopped."""
+    of the data with DDP. `resume_from`: a checkpoint (last.pt) to continue from, exactly where it stopped.
+    `overwrite`: a runtime.out_dir holding another run is cleared first (else that is an error)."""
     env = env_from_torchrun()
     rt = resolve_runtime(cfg, env.local_rank)
     if cfg.model.sync_bn and env.world_size > 1 and rt.device.type != "cuda":
@@ -137,7 +137,7 @@ def fit(cfg: Config, resume_from: Path | None = None) -> dict:
         print(warning)
     init_process_group(env, rt.device)
     try:
-        return _fit(cfg, env, rt, resume_from)
+        return _fit(cfg, env, rt, resume_from, overwrite)
     finally:
         shutdown()
 
@@ -146,21 +146,33 @@ def _quiet(*args, **kwargs) -> None:
     """`print` of the ranks other than 0."""
 
 
-def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None) -> dict:
+def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overwrite: bool = False) -> dict:
     say = print if env.is_main else _quiet
+    check_out_dir(cfg.runtime.out_dir, resuming=resume_from is not None, overwrite=overwrite)
     seed_everything(cfg.runtime.seed)
     plan = build_plan(cfg)
     state = load_checkpoint(resume_from) if resume_from is not None else None
     start_epoch = state["epoch"] + 1 if state else 0
     if start_epoch >= plan.epochs:
         raise UserError(f"{resume_from}: the run already finished its {plan.epochs} epochs")
-    out_dir = make_run_dir(cfg) if env.is_main else None
+    run = build_training(cfg, plan, rt, env, state)
+    # Only now, with the data found and the model built, does rank 0 make the run directory (and it removes it
+    # again if the first epoch fails): a run that stops on a setup mistake leaves nothing behind.
+    out_dir, new_dir = (run_dir_of(cfg), False) if env.is_main else (None, False)
     if env.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+        new_dir = make_run_dir(out_dir, overwrite and resume_from is None)
+        try:  # what the `auto` settings became here is saved beside the config
+            save_config(cfg, out_dir / "config.yaml", resolved={
+                "device": str(rt.device), "precision": rt.precision, "compile": rt.compile,
+                "processes": env.world_size, "torch": str(torch.__version__)})
+        except Exception:
+            if resume_from is None:
+                discard_run_dir(out_dir, new_dir)
+            raise
         if state:
             remove_partial_writes(out_dir)
-    run = build_training(cfg, plan, rt, env, state)
-    keeper = CheckpointKeeper(out_dir, cfg.runtime.keep_best, state.get("best_ranking") if state else None)
+    keeper = CheckpointKeeper(out_dir, cfg.runtime.keep_best, state.get("best_ranking") if state else None,
+                              state.get("best_ema") if state else None)
     del state  # restored into the model: no second copy of the weights for the whole run
     if start_epoch and env.is_main:
         keeper.link_best(start_epoch - 1)
@@ -189,17 +201,28 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None) -> di
                 row, result, val, lr_end=plan.lr_end(epoch), skipped_files=int(skipped.item()),  # sync: per epoch
                 flops_per_image=run.flops.per_image(row.resolution), peak_tflops=peak, devices=env.world_size,
                 gpu_mem_gib=torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None)
-            keeper.rank(epoch, val["val_top1"])
+            keeper.rank(epoch, val["val_top1"], val.get("ema_val_top1"))
             if env.is_main:
                 logger.log_epoch(record)
-                keeper.save(run.state(epoch, keeper.best_top1(), best_ranking=keeper.ranking), epoch)
+                keeper.save(run.state(epoch, keeper.best_top1(), best_ranking=keeper.ranking,
+                                      best_ema=keeper.ema_best), epoch)
     except KeyboardInterrupt:
         if env.is_main:
             # Mid-epoch weights for export; an exact resume continues from last.pt (the last finished epoch).
             atomic_torch_save(run.state(epoch - 1, keeper.best_top1(), best_ranking=keeper.ranking,
-                                        interrupted_in_epoch=epoch), out_dir / "interrupted.pt")
-            say(f"interrupted in epoch {epoch}: weights saved to {out_dir / 'interrupted.pt'}; "
-                f"continue with: fastimagenet train --resume {out_dir}")
+                                        best_ema=keeper.ema_best, interrupted_in_epoch=epoch),
+                              out_dir / "interrupted.pt")
+            then = (f"continue with: fastimagenet train --resume {out_dir}" if epoch > 0 else
+                    "no epoch finished, so there is nothing to resume: start again with `fastimagenet train "
+                    "--overwrite ...`")
+            say(f"interrupted in epoch {epoch}: weights saved to {out_dir / 'interrupted.pt'}; {then}")
+            raise Interrupted from None  # reported: the command line adds nothing
+        raise
+    except Exception:
+        if env.is_main and resume_from is None and not record:  # failed before its first epoch ended
+            logger.close()
+            logger = None
+            discard_run_dir(out_dir, new_dir)
         raise
     finally:
         if logger is not None:
