@@ -6,9 +6,14 @@
   palette, alpha) and scaled down so its longer side is at most `max_resolution` (JPEGs are scaled in the DCT domain
   while decoding, which is most of the speed on large photos). EXIF orientation is ignored, as torchvision's
   ImageFolder and the other backends ignore it: a .beton holds the pixels every backend reads.
-- A file that does not decode is a counted, reported skip (or an error with `strict`). FFCV's writer hangs if a worker
-  raises, so a failed file becomes a placeholder plus a line in a failure log, and the file is written again without
-  the failures: only datasets with unreadable files pay for a second pass.
+- The files kept are those every backend keeps (dataset_tools/verify.py, the same cached verification the folder
+  loaders use); the others are a counted, reported skip (or an error with `strict`). A file that fails anyway (changed
+  since): FFCV's writer hangs if a worker raises, so it becomes a placeholder plus a line in a failure log, and the
+  file is written again without the failures: only such datasets pay for a second pass.
+- Only what FFCV's decoders can decode is stored: FFCV 1.0.2 aborts the whole process (an OpenCV assertion in resize,
+  from `get_center_crop` in ffcv/fields/rgb_image.py taking int(crop_ratio * shorter side) = 0 pixels) on images a
+  pixel or so thin, so an image whose shorter side is below MIN_STORED_SIDE (after the max_resolution scaling: a
+  3000x6 sliver becomes 512x1) has that side stretched to MIN_STORED_SIDE pixels, the longer side kept.
 - Output goes to a hidden temporary file in the destination's directory and is renamed over the destination only
   when complete; an interrupted convert leaves no destination and a re-run starts afresh.
 """
@@ -25,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataset_tools.scan import scan_image_folder
+from dataset_tools.image_rules import MIN_STORED_SIDE, header_problem, to_plain_mode
+from dataset_tools.scan import FolderScan, scan_image_folder
 from fastimagenet.atomic import atomic_output
 from fastimagenet.errors import UserError
 
@@ -51,8 +57,8 @@ class ConvertOptions:
     def check(self) -> None:
         if self.write_mode not in WRITE_MODES:
             raise UserError(f"write mode '{self.write_mode}' is not one of {', '.join(WRITE_MODES)}")
-        if not 1 <= self.max_resolution <= 65535:  # FFCV stores sides as 16-bit integers
-            raise UserError(f"max resolution {self.max_resolution} must be between 1 and 65535 pixels")
+        if not MIN_STORED_SIDE <= self.max_resolution <= 65535:  # FFCV stores sides as 16-bit integers
+            raise UserError(f"max resolution {self.max_resolution} must be between {MIN_STORED_SIDE} and 65535 pixels")
         if not 1 <= self.jpeg_quality <= 100:
             raise UserError(f"JPEG quality {self.jpeg_quality} must be between 1 and 100")
         if not 0.0 <= self.compress_probability <= 1.0:
@@ -99,12 +105,18 @@ def read_sidecar(beton: str | os.PathLike) -> dict:
 
 
 def load_rgb(path: str, max_resolution: int) -> np.ndarray:
-    """An image file as RGB pixels (HWC uint8, as stored: EXIF orientation ignored), longer side <= max_resolution."""
+    """An image file as RGB pixels (HWC uint8, as stored: EXIF orientation ignored), longer side <= max_resolution,
+    shorter side >= MIN_STORED_SIDE (what FFCV's decoders can crop)."""
     with Image.open(path) as img:  # the format is read from the content, not the file name
-        if img.mode not in ("RGB", "L", "CMYK"):  # palette, alpha, 16-bit: scaling needs a plain mode
-            img = img.convert("RGB")
+        problem = header_problem(img)  # checked before decoding: a file changed since it was verified
+        if problem:
+            raise ValueError(problem)
+        img = to_plain_mode(img)  # palette, alpha, 16-bit: scaling needs a plain mode
         # thumbnail: JPEGs are first reduced in the DCT domain (draft), then resampled; never enlarges
         img.thumbnail((max_resolution, max_resolution), Image.LANCZOS)
+        width, height = img.size
+        if min(width, height) < MIN_STORED_SIDE:  # stretch the thin side only: the longer one stays in bounds
+            img = img.resize((max(width, MIN_STORED_SIDE), max(height, MIN_STORED_SIDE)), Image.BILINEAR)
         return np.asarray(img.convert("RGB"))
 
 
@@ -169,12 +181,15 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
         raise UserError(f"{dst}: already exists (add --force to overwrite it)")
     import ffcv.writer  # noqa: F401 - its start-up (seconds of JIT set-up) stays out of the images/s figure
 
+    from dataset_tools.verify import kept_samples  # torch: imported only when converting
+
     start = time.perf_counter()
     scan = scan_image_folder(src, classes)
-    samples = _first_per_class(scan.samples, options.subset) if options.subset else scan.samples
-    skipped = dict(scan.skipped)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(dst) as tmp:
+    if options.subset:
+        scan = FolderScan(scan.root, scan.classes, _first_per_class(scan.samples, options.subset), scan.skipped)
+    samples, skipped = kept_samples(scan, str(src), options.strict, report=False,  # the summary lists them
+                                    lenient="leave out --strict")
+    with atomic_output(dst) as tmp:  # makes the directory; a failed write is a message naming dst
         for _ in range(_MAX_PASSES):
             failures = _write_beton(tmp, samples, options)
             if not failures:

@@ -1,5 +1,9 @@
 """Scan an ImageFolder tree (root/<class>/<image>) into (path, label) samples with a fixed class -> index map.
 
+Images in sub-folders of a class folder belong to that class (as in torchvision's ImageFolder); hidden files and
+folders are ignored; anything else that is not an image file (by extension) is listed in `skipped`, which every
+backend reports. Whether an image file decodes is dataset_tools/verify.py's question.
+
 The train split decides the class list (sorted directory names); every other split and every loader backend reuses
 it, so label 3 means the same class everywhere.
 """
@@ -49,16 +53,31 @@ def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None)
     for name in found:
         class_dir = root / name
         images = []
-        for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-            if entry.name.startswith("."):
-                continue
-            if not entry.is_file():
-                skipped[entry.path] = "not a file"
-            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append((entry.path, index[name]))
+        for path in _class_files(class_dir, skipped):
+            if not os.path.isfile(path):  # a dangling link, a socket, ...
+                skipped[path] = "not a file (a broken symbolic link?)" if os.path.islink(path) else "not a file"
+            elif path.lower().endswith(IMAGE_EXTENSIONS):
+                images.append((path, index[name]))
             else:
-                skipped[entry.path] = "not an image file extension"
+                skipped[path] = "not an image file extension"
         if not images:
             raise UserError(f"{class_dir}: class directory has no images ({', '.join(IMAGE_EXTENSIONS)})")
         samples += images
     return FolderScan(root, list(classes), samples, skipped)
+
+
+def _class_files(class_dir: Path, skipped: dict[str, str]) -> list[str]:
+    """Every non-directory entry under a class folder, sub-folders included (as torchvision's ImageFolder walks
+    them, links to folders followed), sorted by path. Hidden names (.DS_Store, macOS's ._* twins, .ipynb_checkpoints)
+    are left out without a report; a folder reached twice through links is reported once and not walked again."""
+    files, seen = [], set()
+    for top, dirs, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            skipped[top] = "a folder already listed through another link (a link loop?)"
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(top, n) for n in names if not n.startswith(".")]
+    return sorted(files)

@@ -1,7 +1,10 @@
 """Find the images of a scanned ImageFolder that do not decode, before a decoder that cannot skip them meets them.
 
-Some decoders (DALI's) fail the whole pipeline on one truncated or mislabelled file, so such files must leave the
-sample list up front. Each file is decoded once at 1/8 scale (the JPEG decoder still reads every byte, so a truncated
+Every backend and `convert` take their samples from here, so a file is kept by all of them or reported by all of
+them (the rule: dataset_tools/image_rules.py). Some decoders fail the whole pipeline on one truncated or mislabelled
+file (DALI's), decode a damaged one into grey or noise without a word (OpenCV's), spend minutes and gigabytes on a
+decompression bomb (DALI's), or abort the process on a tiny image (FFCV's), so such files leave the sample list up
+front. Each file is decoded once at 1/8 scale (the JPEG decoder still reads every byte, so a truncated
 file is caught at a fraction of the full decode cost), and the verdicts are cached per dataset, keyed by file size
 and modification time: the next run re-checks only new or changed files. Under torchrun the check is done once per
 node: local rank 0 verifies and writes the cache while the node's other processes wait, then they read its verdicts.
@@ -18,22 +21,27 @@ from pathlib import Path
 import torch.distributed as dist
 from PIL import Image
 
+from dataset_tools.image_rules import KEPT_FORMATS, header_problem
 from dataset_tools.scan import FolderScan
 from fastimagenet.atomic import atomic_output
+from fastimagenet.errors import UserError
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the pixel limit and the shared format list
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FASTIMAGENET_CACHE", Path.home() / ".cache" / "fastimagenet")) / "verified"
 
 
-def image_problem(path: str, formats: frozenset[str]) -> str | None:
-    """Why `path` cannot be decoded by a decoder that reads `formats` (PIL format names), or None if it can."""
+def image_problem(path: str, formats: frozenset[str] = KEPT_FORMATS) -> str | None:
+    """Why `path` is not kept (image_rules: its format, its size from the header, or a failed decode), or None."""
     try:
-        with Image.open(path) as img:
-            if img.format not in formats:
-                return f"{img.format} images are not supported by this loader"
+        with Image.open(path) as img:  # the header only; PIL itself refuses sizes above 2x its pixel limit
+            problem = header_problem(img)
+            if problem is None and img.format not in formats:
+                problem = f"{img.format} images are not supported by this loader"
+            if problem:
+                return problem
             img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale; other formats ignore it
             img.load()
     except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable file"
@@ -64,7 +72,7 @@ def _save_cache(path: Path, files: dict) -> None:
         print(f"warning: could not write the image verification cache {path}: {exc}")
 
 
-def verified_samples(scan: FolderScan, formats: frozenset[str],
+def verified_samples(scan: FolderScan, formats: frozenset[str] = KEPT_FORMATS,
                      local_rank: int = 0) -> tuple[list[tuple[str, int]], dict[str, str]]:
     """The scan's samples that decode, and {path: reason} for those that do not. With a process group, local rank 0
     verifies first and the others wait at a barrier (every rank meets it once), then find its verdicts in the cache;
@@ -77,6 +85,29 @@ def verified_samples(scan: FolderScan, formats: frozenset[str],
     finally:
         if waits and local_rank == 0:
             dist.barrier()  # release this node's other ranks (and meet the other nodes' ranks)
+
+
+def kept_samples(scan: FolderScan, what: str, strict: bool = False, local_rank: int = 0, report: bool = True,
+                 lenient: str = "set data.strict=false") -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """What a backend (or `convert`) uses: the kept samples, and {path: reason} for everything else the scan found
+    (non-image files, broken links) or verification refused, printed here with `report`. `strict`: a refused image
+    file is an error instead, whose message says how to turn strict mode off (`lenient`)."""
+    samples, unreadable = verified_samples(scan, local_rank=local_rank)
+    if unreadable and strict:
+        path, reason = next(iter(unreadable.items()))
+        raise UserError(f"{path}: unreadable image ({reason}); {len(unreadable)} such files in {what} ({lenient} "
+                        "to skip and report them)")
+    if not samples:
+        raise UserError(f"{what}: none of the {len(scan.samples)} image files can be used ({_listing(unreadable)})")
+    skipped = {**scan.skipped, **unreadable}
+    if skipped and report:
+        print(f"warning: {len(skipped)} files of {what} left out:\n{_listing(skipped)}")
+    return samples, skipped
+
+
+def _listing(skipped: dict[str, str], count: int = 10) -> str:
+    more = f"\n  ... and {len(skipped) - count} more" if len(skipped) > count else ""
+    return "\n".join(f"  {path}: {reason}" for path, reason in list(skipped.items())[:count]) + more
 
 
 def _verify(scan: FolderScan, formats: frozenset[str]) -> tuple[list[tuple[str, int]], dict[str, str]]:

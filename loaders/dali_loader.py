@@ -38,13 +38,15 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
 
 from dataset_tools.scan import scan_image_folder
-from dataset_tools.verify import verified_samples
+from dataset_tools.image_rules import KEPT_FORMATS
+from dataset_tools.verify import kept_samples
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
 from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
 
-# What DALI's image decoders read, as PIL names the formats (GIF, for one, is not among them).
-DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
+# What this backend reads, as PIL names the formats: the formats every backend keeps (DALI's decoders read these and
+# JPEG 2000, but not GIF).
+DALI_FORMATS = KEPT_FORMATS
 
 # nvJPEG buffer padding for full-size ImageNet, as in NVIDIA's DALI ResNet-50 example: large enough for any of its
 # photos, so no decode thread re-allocates mid-run. DALI 2.4 takes, per decode thread, one device buffer and two
@@ -176,18 +178,11 @@ def pipeline_error(exc: Exception, files: list[str]) -> Exception:
 class DaliLoader:
     def __init__(self, spec: LoaderSpec):
         scan = scan_image_folder(spec.path, spec.classes)
-        samples, unreadable = verified_samples(scan, DALI_FORMATS, spec.local_rank)
-        if unreadable and spec.strict:
-            path, reason = next(iter(unreadable.items()))
-            raise UserError(f"{path}: unreadable image ({reason}); set data.strict=false to skip such files")
-        if not samples:
-            raise UserError(f"{spec.path}: none of the {len(scan.samples)} images can be decoded")
-        self.spec, self.classes, self.skipped = spec, scan.classes, dict(unreadable)
+        # The files every backend keeps: DALI never meets one it cannot decode, nor a decompression bomb.
+        samples, self.skipped = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
+        self.spec, self.classes = spec, scan.classes
         self._decode_device = decode_device(spec)
         self._handover = handover(self._decode_device, spec.device)
-        if unreadable:
-            listing = "\n".join(f"  {path}: {reason}" for path, reason in list(unreadable.items())[:10])
-            print(f"warning: {len(unreadable)} unreadable images left out of {spec.path}:\n{listing}")
         self._paths = [path for path, _ in samples]
         self._labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()

@@ -5,6 +5,9 @@ least 2x, 4x or 8x the output size, the decoder itself produces a 1/2, 1/4 or 1/
 cheaper than decoding at full size. The resize is area-averaging when shrinking (antialiased, like PIL's) and
 bilinear when enlarging. Everything else (PNG, a PNG named .JPEG, BMP, WebP, ...) goes through PIL.
 EXIF orientation is ignored, as torchvision's ImageFolder and FFCV do.
+
+Loaders decode only files dataset_tools/verify.py kept; the header is checked again here (format, pixel limit:
+dataset_tools/image_rules.py) so that a file changed since is refused before anything is allocated for it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from dataset_tools.image_rules import header_problem, to_plain_mode
 from loaders.augment import Box
 
 # The DCT-scaling bits of OpenCV's read flags, combined below with RGB output (libjpeg then writes RGB itself).
@@ -35,6 +39,9 @@ def single_threaded_worker(_worker_id: int) -> None:
 def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
     """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size."""
     with Image.open(path) as img:  # reads the header only
+        problem = header_problem(img)
+        if problem:
+            raise UnreadableImage(problem)
         width, height = img.size
         box = box_of(width, height)
         if img.format != "JPEG":
@@ -44,8 +51,8 @@ def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
 
 def _jpeg_crop(path: str, width: int, height: int, box: Box, size: int, flip: bool) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8)
-    # libjpeg fills a truncated file with grey and only warns; a whole JPEG ends with the EOI marker.
-    if data[-1024:].tobytes().rfind(b"\xff\xd9") < 0:
+    # libjpeg fills a truncated file with grey and only warns; a whole JPEG has its end-of-image marker after the scan
+    if not _has_end_marker(data.tobytes()):
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     reduction = min(box[2] - box[0], box[3] - box[1]) / size
     scale = max(s for s in _SCALE_BITS if s <= max(1.0, reduction))
@@ -61,9 +68,25 @@ def _jpeg_crop(path: str, width: int, height: int, box: Box, size: int, flip: bo
     return cv2.flip(out, 1) if flip else out
 
 
+def _has_end_marker(data: bytes) -> bool:
+    """An EOI marker after the first scan. The marker segments before it are skipped by their lengths, because an
+    EXIF thumbnail (in APP1) is a whole JPEG with an EOI of its own; data after the EOI (as some cameras append)
+    does not matter, as for PIL."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker == 0xDA:  # start of scan: entropy-coded data, where 0xFF is escaped, up to EOI
+            return data.find(b"\xff\xd9", pos + 2 + length) >= 0
+        pos += 2 + length
+    return False
+
+
 def _pil_crop(img: Image.Image, box: Box, size: int, flip: bool) -> np.ndarray:
-    if img.mode not in ("RGB", "L"):  # palette, alpha, 16-bit: resize needs a plain mode
-        img = img.convert("RGB")
+    img = to_plain_mode(img)  # palette, alpha, 16-bit: resize needs a plain mode
     out = img.resize((size, size), Image.BILINEAR, box=box)
     if out.mode != "RGB":
         out = out.convert("RGB")

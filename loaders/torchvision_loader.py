@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dataset_tools.scan import scan_image_folder
+from dataset_tools.verify import kept_samples
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
 from loaders.augment import center_crop_box, random_resized_crop_box, sample_rng
@@ -133,16 +134,18 @@ class _EpochBatchSampler:
 class TorchvisionLoader:
     def __init__(self, spec: LoaderSpec):
         scan = scan_image_folder(spec.path, spec.classes)
+        # The files every backend keeps (verified once per node and cached, as for DALI); what is left out is
+        # reported now. A file that fails later anyway (changed since) is replaced by a neighbour and reported.
+        samples, self.skipped = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
         self.spec, self.classes = spec, scan.classes
-        self.skipped: dict[str, str] = {}
-        self._sampler = _EpochBatchSampler(len(scan.samples), spec)
+        self._sampler = _EpochBatchSampler(len(samples), spec)
         if spec.train:
-            check_batch_fits(self._sampler.batch_size, len(scan.samples) // spec.world_size, spec.path,
+            check_batch_fits(self._sampler.batch_size, len(samples) // spec.world_size, spec.path,
                              spec.batch_setting())
         workers = self._workers = spec.workers()
         check_shared_memory(workers, self._sampler.batch_size, spec.resolution)
         self._loader = DataLoader(
-            _FolderDataset(scan.samples, spec.augment, spec.train, spec.seed),
+            _FolderDataset(samples, spec.augment, spec.train, spec.seed),
             batch_sampler=self._sampler,
             num_workers=workers,
             collate_fn=_collate,
