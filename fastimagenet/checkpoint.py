@@ -27,8 +27,10 @@ from fastimagenet.errors import UserError
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file: a full disk is then an OSError (which atomic_output turns into a message naming the
+    # file); torch.save given a path reports it as "RuntimeError: unexpected pos".
+    with atomic_output(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 def remove_partial_writes(run_dir: Path) -> int:
