@@ -2,11 +2,12 @@
 the best-k kept by val top-1, and read back for an exact resume.
 
 Files in a run directory:
-  last.pt              end of the last finished epoch: what `train --resume RUN_DIR` continues from
+  last.pt              the latest resumable state: the end of the last finished epoch, or a point inside an epoch
+                       (a stop signal, runtime.checkpoint_every_min); what `train --resume RUN_DIR` continues from
   best.pt              the best epoch so far (a hard link to one of the best-epochNNN.pt files)
   best-epochNNN.pt     the `runtime.keep_best` best epochs
   best-ema.pt          runs with an EMA: the epoch whose EMA weights scored best (`export --ema` takes it)
-  interrupted.pt       the weights at the moment of a Ctrl-C, mid-epoch (for export; resume uses last.pt); removed
+  interrupted.pt       the weights where a stop signal (Ctrl-C, SIGTERM) stopped the run (for export); removed
                        once a resumed run finishes an epoch, as last.pt is then newer
 """
 
@@ -143,6 +144,23 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Path]:
     return cfg, last
 
 
+def auto_resume(cfg: Config) -> Path | None:
+    """`train --resume auto`: the checkpoint to continue from in runtime.out_dir, or None to start afresh there
+    (no checkpoint yet). The whole command line is repeated by every restart (a scheduler's requeue, torchrun's
+    --max-restarts), so it must agree with the run it finds; a run that has finished is a UserError saying so."""
+    if not cfg.runtime.out_dir:
+        raise UserError("--resume auto needs runtime.out_dir: the directory where a restart finds the run")
+    run_dir = Path(cfg.runtime.out_dir)
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return None
+    check_resume_changes(from_saved(run_dir / "config.yaml"), cfg, run_dir)
+    state = load_checkpoint(last)
+    if "position" not in state and state["epoch"] + 1 >= cfg.epochs:
+        raise UserError(f"{run_dir}: the run already finished its {cfg.epochs} epochs; nothing to resume")
+    return last
+
+
 class CheckpointKeeper:
     """Writes last.pt every epoch and keeps the `keep_best` best epochs by val top-1 (ties keep the earlier), and,
     for runs with an EMA, the epoch whose EMA scored best (its own ranking: the EMA often peaks at another epoch).
@@ -170,6 +188,17 @@ class CheckpointKeeper:
         atomic_torch_save(state, self.run_dir / "last.pt")
         self.link_best(epoch)
         (self.run_dir / "interrupted.pt").unlink(missing_ok=True)
+
+    def save_position(self, state: dict, stopped: bool) -> None:
+        """A checkpoint inside an epoch (its `position` says where): last.pt, which a resume continues from exactly;
+        it ranks nothing. `stopped`: the run stops here, and interrupted.pt names the same weights for export."""
+        atomic_torch_save(state, self.run_dir / "last.pt")
+        if stopped:
+            self.mark_stopped()
+
+    def mark_stopped(self) -> None:
+        """The run stops at last.pt: interrupted.pt names the same weights (for `export --checkpoint interrupted`)."""
+        _atomic_link(self.run_dir / "last.pt", self.run_dir / "interrupted.pt")
 
     def link_best(self, epoch: int) -> None:
         """Give last.pt (the checkpoint of `epoch`) its best-epoch names and drop the epochs no longer ranked.

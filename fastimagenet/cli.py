@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import loaders
-from fastimagenet.errors import Interrupted, UserError
+from fastimagenet.errors import Preempted, UserError
 
 DATA_HOME = Path(os.environ.get("FASTIMAGENET_DATA", Path.home() / ".cache" / "fastimagenet"))
 
@@ -28,6 +28,14 @@ def cmd_train(args) -> None:
     from fastimagenet.config import load_config
     from fastimagenet.train import fit
 
+    if args.resume == "auto":
+        from fastimagenet.checkpoint import auto_resume
+
+        cfg = load_config(args.config, _overrides(args))
+        last = auto_resume(cfg)
+        # no checkpoint yet: a start that died before its first checkpoint may have left files; begin again
+        fit(cfg, last, overwrite=last is None)
+        return
     if args.resume:
         from fastimagenet.checkpoint import resume_config
 
@@ -188,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loader", choices=loaders.NAMES, help="Loader backend (same as loader.name=NAME).")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="Config overrides, e.g. data.train=/data/train epochs=16 optim.lr=0.5.")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="Continue the run in RUN_DIR from its last finished epoch, with its saved config. "
+    train.add_argument("--resume", metavar="RUN_DIR|auto",
+                       help="Continue the run in RUN_DIR from its last checkpoint (the end of its last finished "
+                            "epoch, or where a stop signal stopped it), with its saved config. 'auto': with the "
+                            "whole command line, continue the run in runtime.out_dir if it has a checkpoint, else "
+                            "start it (what a restart repeats). "
                             "key=value overrides may change only where and how it runs (runtime.device, "
                             "runtime.precision, runtime.compile, loader.*, the data.train/data.val paths, ...), "
                             "never what it trains (epochs, schedule.*, optim.*, model.*: an error).")
@@ -369,8 +380,21 @@ def _show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse takes positionals in one run, so `key=value` overrides after an option (`eval RUN --data D
+    runtime.device=cpu`) would be refused: those are added to the command's overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe (`| head`) is reported here, not at exit
@@ -382,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's final flush does not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt as exc:
-        if not isinstance(exc, Interrupted):  # an Interrupted was already reported by the command
-            print("interrupted", file=sys.stderr)
+    except Preempted as exc:  # the run said where its checkpoint is
+        return exc.exit_code
+    except KeyboardInterrupt:  # outside training (which stops on Ctrl-C by itself, see Preempted)
+        print("interrupted", file=sys.stderr)
         return 130
     return 0

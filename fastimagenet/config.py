@@ -125,6 +125,10 @@ class RuntimeConfig:
     peak_tflops: float = 0.0  # one device's peak for MFU; 0: the data-sheet figure of a known GPU at bf16/fp16
     ddp_bucket_mb: int = 25  # DDP gradient bucket size: smaller buckets start all-reduces earlier in backward
     ddp_static_graph: bool = False  # DDP static_graph: the same parameters get gradients every step
+    # Stop cleanly (checkpoint, then exit 128 + signal) on SIGTERM, SIGINT and this signal ("": only those two)
+    preempt_signal: str = "SIGUSR1"
+    preempt_grace_s: float = 30.0  # after the first stop signal, the process is gone within this many seconds
+    checkpoint_every_min: float = 0.0  # also write a resumable last.pt inside epochs this often; 0: off, else >= 1
 
 
 @dataclass
@@ -148,6 +152,7 @@ CHOICES = {
     "runtime.device": ("auto", "cpu", "cuda"),
     "runtime.precision": ("auto", "bf16", "fp16", "fp32"),
     "runtime.compile": ("auto", "true", "false"),
+    "runtime.preempt_signal": ("", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"),
 }
 
 
@@ -367,6 +372,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: 'data.ratio' must satisfy 0 < min <= max, got {cfg.data.ratio}")
     if not 0 < cfg.data.crop_ratio <= 1:
         raise UserError(f"config: 'data.crop_ratio' must be in (0, 1], got {cfg.data.crop_ratio}")
+    if cfg.runtime.preempt_grace_s <= 0:
+        raise UserError(f"config: 'runtime.preempt_grace_s' must be > 0, got {cfg.runtime.preempt_grace_s}")
+    if cfg.runtime.checkpoint_every_min and cfg.runtime.checkpoint_every_min < 1:
+        raise UserError("config: 'runtime.checkpoint_every_min' must be 0 (off) or at least 1, got "
+                        f"{cfg.runtime.checkpoint_every_min}")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise UserError(f"config: 'optim.ema_decay' must be in [0, 1) (0: off), got {cfg.optim.ema_decay}")
     if cfg.runtime.ddp_static_graph and cfg.optim.accum_steps > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -18,17 +19,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastimagenet.checkpoint import CheckpointKeeper, atomic_torch_save, load_checkpoint, remove_partial_writes
+from fastimagenet.checkpoint import CheckpointKeeper, load_checkpoint, remove_partial_writes
 from fastimagenet.config import Config, save_config
 from fastimagenet.distributed import (DistEnv, all_reduce_sum, average_buffers, env_from_torchrun,
                                       init_process_group, is_main_process, shutdown)
-from fastimagenet.errors import Interrupted, UserError
+from fastimagenet.errors import Preempted, UserError
 from fastimagenet.evaluation import evaluate
 from fastimagenet.flops import peak_tflops
 from fastimagenet.metrics import EpochResult, RunLogger, epoch_record
 from fastimagenet.optim import set_lr
 from fastimagenet.plan import EpochPlan, build_plan
 from fastimagenet.plots import write_run_plot
+from fastimagenet.preemption import StopSignals
 from fastimagenet.run_dir import check_out_dir, discard_run_dir, make_run_dir
 from fastimagenet.runtime import Runtime, resolve_runtime, seed_everything, sync_bn_compile_warning
 from fastimagenet.training_setup import Training, build_training
@@ -71,17 +73,30 @@ def accumulation_group(step: int, steps: int, accum_steps: int) -> int:
     return min(accum_steps, steps - step // accum_steps * accum_steps)
 
 
-def train_one_epoch(run: Training, row: EpochPlan) -> EpochResult:
-    rt, loader = run.rt, run.train_loader
+class StopAt(Exception):
+    """Raised by train_one_epoch when the ranks agreed to stop; carries where (see `EpochPosition`)."""
+
+    def __init__(self, position: dict):
+        super().__init__(position)
+        self.position = position
+
+
+def train_one_epoch(run: Training, row: EpochPlan, stop: StopSignals, position: dict | None = None,
+                    save_position: Callable[[dict], None] | None = None) -> EpochResult:
+    """One epoch, or what is left of it: `position` is where a resumed epoch stopped ({"step", "loss_sum"}: the
+    optimizer steps done, the training loss summed over them). Every update step is a point where the run can
+    stop (StopAt) or `save_position` may write a resumable checkpoint (every runtime.checkpoint_every_min)."""
+    rt, loader, cfg = run.rt, run.train_loader, run.cfg.runtime
     run.train_module.train()
-    steps = len(loader)
-    loss_sum = torch.zeros((), device=rt.device)
+    steps, first = len(loader), position["step"] if position else 0
+    loss_sum = torch.tensor(position["loss_sum"] if position else 0.0, device=rt.device)
     images_seen = timed_images = 0
-    start = timed_start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {row.epoch}", leave=False, dynamic_ncols=True,
+    start = timed_start = last_save = time.perf_counter()
+    distributed = run.env.world_size > 1
+    bar = tqdm(total=steps, initial=first, desc=f"epoch {row.epoch}", leave=False, dynamic_ncols=True,
                disable=not is_main_process())
-    for step, (images, labels) in enumerate(loader):
-        if step == _TIMING_WARMUP_STEPS:
+    for step, (images, labels) in enumerate(loader, start=first):
+        if step == first + _TIMING_WARMUP_STEPS:
             rt.synchronize()  # sync: start the throughput clock after warm-up (once per epoch)
             timed_start, timed_images = time.perf_counter(), images_seen
         set_lr(run.optimizer, run.plan.lr(row.epoch, step, steps))
@@ -90,10 +105,20 @@ def train_one_epoch(run: Training, row: EpochPlan) -> EpochResult:
         loss_sum += train_step(run, images, labels, group, update)
         images_seen += labels.shape[0]
         bar.update()
-        if (step + 1) % run.cfg.runtime.log_interval == 0:
+        at_log = (step + 1) % cfg.log_interval == 0
+        if at_log:
             # sync: read the running loss for the progress bar, once per log interval
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}", img_s=f"{images_seen / elapsed:.0f}")
+        if update and step + 1 < steps:
+            # Under DDP the ranks agree at log intervals (a collective); alone, a stop is seen at the next step.
+            if (at_log or not distributed) and stop.agreed(rt.device, distributed):
+                bar.close()
+                raise StopAt({"step": step + 1, "loss_sum": loss_sum.item()})  # sync: once, when stopping
+            if save_position and cfg.checkpoint_every_min and time.perf_counter() - last_save >= \
+                    cfg.checkpoint_every_min * 60:
+                save_position({"step": step + 1, "loss_sum": loss_sum.item()})  # sync: once per checkpoint
+                last_save = time.perf_counter()
     rt.synchronize()  # sync: end of epoch, for the timing
     end = time.perf_counter()
     bar.close()
@@ -102,6 +127,7 @@ def train_one_epoch(run: Training, row: EpochPlan) -> EpochResult:
     else:
         images_per_s = images_seen / (end - start)
     # Ranks step in lock-step (every step all-reduces), so the sum of their rates is the run's rate.
+    # A resumed epoch starts every rank's loss sum from rank 0's saved one: exact alone, an estimate under DDP.
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(steps), device=rt.device),
                                          torch.tensor(images_per_s, device=rt.device)]))
     loss_total, steps_total, images_per_s = totals.tolist()  # sync: once per epoch
@@ -152,7 +178,9 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
     seed_everything(cfg.runtime.seed)
     plan = build_plan(cfg)
     state = load_checkpoint(resume_from) if resume_from is not None else None
-    start_epoch = state["epoch"] + 1 if state else 0
+    # A checkpoint from inside an epoch carries its position ({"epoch", "step", "loss_sum"}): that epoch goes on
+    position = state.get("position") if state else None
+    start_epoch = position["epoch"] if position else state["epoch"] + 1 if state else 0
     if start_epoch >= plan.epochs:
         raise UserError(f"{resume_from}: the run already finished its {plan.epochs} epochs")
     run = build_training(cfg, plan, rt, env, state)
@@ -174,26 +202,38 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
     keeper = CheckpointKeeper(out_dir, cfg.runtime.keep_best, state.get("best_ranking") if state else None,
                               state.get("best_ema") if state else None)
     del state  # restored into the model: no second copy of the weights for the whole run
-    if start_epoch and env.is_main:
+    if start_epoch and env.is_main and position is None:
         keeper.link_best(start_epoch - 1)
     peak = peak_tflops(rt.device, rt.precision, cfg.runtime.peak_tflops)
 
-    say(f"run directory: {out_dir}" + (f" (resuming at epoch {start_epoch})" if start_epoch else ""))
+    resuming_at = f" (resuming at epoch {start_epoch}" + (f", step {position['step']})" if position else ")")
+    say(f"run directory: {out_dir}" + (resuming_at if resume_from is not None else ""))
     say(f"device {rt.device} x {env.world_size} process(es), precision {rt.precision}, compile {rt.compile}, "
         f"loader {cfg.loader.name}, {len(run.train_loader.classes)} classes, model {cfg.model.arch}")
     say(plan.table())
     logger = RunLogger(out_dir, start_epoch) if env.is_main else None
     record = {}
     epoch = start_epoch
+
+    def checkpoint_inside(epoch: int, at: dict, stopped: bool) -> None:
+        """Rank 0 writes the position `at` inside `epoch` as last.pt."""
+        if env.is_main:
+            keeper.save_position(run.state(epoch - 1, keeper.best_top1(), best_ranking=keeper.ranking,
+                                           best_ema=keeper.ema_best, position={"epoch": epoch, **at}), stopped)
+
+    stop = StopSignals(["SIGTERM", "SIGINT"] + [cfg.runtime.preempt_signal] * bool(cfg.runtime.preempt_signal),
+                       cfg.runtime.preempt_grace_s)
+    stop.__enter__()
     try:
         for epoch in range(start_epoch, plan.epochs):
             row = plan.rows[epoch]
+            at = position if position and position["epoch"] == epoch else None
             # The epoch's resolution and batch size reach the decoder: batches come at this size from the start.
             run.train_loader.reconfigure(row.resolution, row.micro_batch)
-            run.train_loader.set_epoch(epoch)
+            run.train_loader.set_epoch(epoch, at["step"] if at else 0)
             if rt.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(rt.device)
-            result = train_one_epoch(run, row)
+            result = train_one_epoch(run, row, stop, at, lambda here: checkpoint_inside(epoch, here, False))
             val = validate_epoch(run)
             skipped = all_reduce_sum(torch.tensor(float(len(run.train_loader.skipped) + len(run.val_loader.skipped)),
                                                   device=rt.device))
@@ -206,18 +246,17 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
                 logger.log_epoch(record)
                 keeper.save(run.state(epoch, keeper.best_top1(), best_ranking=keeper.ranking,
                                       best_ema=keeper.ema_best), epoch)
-    except KeyboardInterrupt:
-        if env.is_main:
-            # Mid-epoch weights for export; an exact resume continues from last.pt (the last finished epoch).
-            atomic_torch_save(run.state(epoch - 1, keeper.best_top1(), best_ranking=keeper.ranking,
-                                        best_ema=keeper.ema_best, interrupted_in_epoch=epoch),
-                              out_dir / "interrupted.pt")
-            then = (f"continue with: fastimagenet train --resume {out_dir}" if epoch > 0 else
-                    "no epoch finished, so there is nothing to resume: start again with `fastimagenet train "
-                    "--overwrite ...`")
-            say(f"interrupted in epoch {epoch}: weights saved to {out_dir / 'interrupted.pt'}; {then}")
-            raise Interrupted from None  # reported: the command line adds nothing
-        raise
+            # asked during validation (or at the last step): last.pt is this epoch's end
+            if epoch + 1 < plan.epochs and stop.agreed(rt.device, env.world_size > 1):
+                if env.is_main:
+                    keeper.mark_stopped()
+                say(f"stopped after epoch {epoch}; continue with: fastimagenet train --resume {out_dir}")
+                raise Preempted(stop.signum)
+    except StopAt as stopped:
+        checkpoint_inside(epoch, stopped.position, True)
+        say(f"stopped in epoch {epoch} at step {stopped.position['step']}: checkpoint {out_dir / 'last.pt'} (also "
+            f"interrupted.pt); continue with: fastimagenet train --resume {out_dir}")
+        raise Preempted(stop.signum) from None
     except Exception:
         if env.is_main and resume_from is None and not record:  # failed before its first epoch ended
             logger.close()
@@ -225,6 +264,7 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
             discard_run_dir(out_dir, new_dir)
         raise
     finally:
+        stop.__exit__()
         if logger is not None:
             logger.close()
     if env.is_main:

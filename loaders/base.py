@@ -27,8 +27,10 @@ class Loader(Protocol):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
-    def set_epoch(self, epoch: int) -> None:  # deterministic shuffle per (seed, epoch), same on every rank
-        ...
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        """The next pass is `epoch`: a shuffle that is a function of (seed, epoch), the same on every rank. With
+        `first_step` > 0 it resumes that epoch: it yields batches first_step..len-1 of it, the same samples as an
+        uninterrupted pass (`len` stays the whole epoch's count)."""
 
     def reconfigure(self, resolution: int, batch_size: int) -> None:  # takes effect from the next epoch
         ...

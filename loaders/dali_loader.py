@@ -186,6 +186,7 @@ class DaliLoader:
         self._paths = [path for path, _ in samples]
         self._labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
+        self.first_step = 0
         self._check_fits()
         self._pipe = None
 
@@ -200,8 +201,8 @@ class DaliLoader:
     def __len__(self) -> int:
         return batches_per_epoch(len(self._indices()), self.batch_size, self.spec.train)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self.epoch, self.first_step = epoch, first_step
 
     def reconfigure(self, resolution: int, batch_size: int) -> None:
         self.resolution, self.batch_size = resolution, self.spec.per_rank_batch(batch_size)
@@ -245,12 +246,15 @@ class DaliLoader:
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices, size = self._indices().tolist(), self.batch_size
+        size = self.batch_size
+        # A resumed epoch reads only the samples it has not had yet (its crops, drawn by DALI, differ from the
+        # uninterrupted pass's)
+        indices = self._indices().tolist()[self.first_step * size : len(self) * size]
         labels = self._epoch_labels(indices)
         self._release_pipeline()
         self._pipe = self._epoch_pipeline(indices)
         try:
-            for start in range(0, batches_per_epoch(len(indices), size, self.spec.train) * size, size):
+            for start in range(0, len(indices), size):
                 count = min(size, len(indices) - start)
                 stream = output_stream(self._handover)
                 try:

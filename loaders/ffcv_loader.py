@@ -152,6 +152,7 @@ class FfcvLoader:
         # FFCV's constructor takes only an order *instance* built from the loader, so the order is set after it
         self._loader.traversal_order = _EpochOrder(self._loader, spec)
         self._loader.first_traversal_order = self._loader.traversal_order.sample_order(0)
+        self._first_step = 0
         self._check_fits(self._loader.batch_size)
 
     def _check_fits(self, per_rank_batch: int) -> None:
@@ -162,8 +163,8 @@ class FfcvLoader:
     def __len__(self) -> int:
         return len(self._loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        self._loader.next_epoch = epoch
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self._loader.next_epoch, self._first_step = epoch, first_step
 
     def reconfigure(self, resolution: int, batch_size: int) -> None:
         per_rank = self.spec.per_rank_batch(batch_size)
@@ -175,7 +176,8 @@ class FfcvLoader:
         # FFCV's Loader.__iter__ (its code is generated once, when it is built), with our epoch thread
         loader = self._loader
         Compiler.set_num_threads(loader.num_workers)
-        order = loader.next_traversal_order()[: len(loader) * loader.batch_size]
+        # a resumed epoch skips the batches it already had (FFCV's own crops are not seeded per sample)
+        order = loader.next_traversal_order()[self._first_step * loader.batch_size : len(loader) * loader.batch_size]
         loader.next_epoch += 1
         return _DeviceEpochIterator(loader, order, self.spec.device)
 

@@ -16,6 +16,7 @@ class SyntheticLoader:
         self.skipped: dict[str, str] = {}
         self.samples = spec.options.synthetic_samples
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
+        self.first_step = 0
         if spec.train:
             check_batch_fits(self.batch_size, self.samples // spec.world_size, "synthetic loader",
                              spec.batch_setting())
@@ -23,8 +24,8 @@ class SyntheticLoader:
     def __len__(self) -> int:
         return batches_per_epoch(self.samples // self.spec.world_size, self.batch_size, self.spec.train)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self.epoch, self.first_step = epoch, first_step
 
     def reconfigure(self, resolution: int, batch_size: int) -> None:
         self.resolution, self.batch_size = resolution, self.spec.per_rank_batch(batch_size)
@@ -41,6 +42,6 @@ class SyntheticLoader:
         labels = epoch_order(len(self) * self.batch_size, self.spec.seed, self.epoch, True) % len(self.classes)
         labels = labels.to(self.spec.device)
         per_rank = self.samples // self.spec.world_size
-        for step in range(len(self)):
+        for step in range(self.first_step, len(self)):
             batch = min(self.batch_size, per_rank - step * self.batch_size)
             yield images[:batch], labels[step * self.batch_size : step * self.batch_size + batch]

@@ -118,13 +118,14 @@ class _EpochBatchSampler:
     def __init__(self, count: int, spec: LoaderSpec):
         self.count, self.spec = count, spec
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
+        self.first_step = 0
 
     def _indices(self) -> list[int]:
         return rank_share(epoch_order(self.count, self.spec.seed, self.epoch, self.spec.train), self.spec).tolist()
 
     def __iter__(self):
         indices = self._indices()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(self.first_step * self.batch_size, len(self) * self.batch_size, self.batch_size):
             yield [(i, self.resolution, self.epoch) for i in indices[start : start + self.batch_size]]
 
     def __len__(self) -> int:
@@ -158,8 +159,8 @@ class TorchvisionLoader:
     def __len__(self) -> int:
         return len(self._sampler)
 
-    def set_epoch(self, epoch: int) -> None:
-        self._sampler.epoch = epoch
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self._sampler.epoch, self._sampler.first_step = epoch, first_step
 
     def reconfigure(self, resolution: int, batch_size: int) -> None:
         per_rank = self.spec.per_rank_batch(batch_size)

@@ -19,7 +19,7 @@ from fastimagenet import cli
 from fastimagenet.checkpoint import CheckpointKeeper, check_resume_changes
 from fastimagenet.cli import main
 from fastimagenet.config import differing_keys, from_saved, load_config
-from fastimagenet.errors import Interrupted, UserError
+from fastimagenet.errors import Preempted, UserError
 from fastimagenet.metrics import read_metrics
 from fastimagenet.plan import build_plan
 from fastimagenet.plots import _summary
@@ -221,7 +221,7 @@ def test_a_bare_or_misspelt_key_or_value_gets_a_did_you_mean():
 def test_ctrl_c_is_reported_once(monkeypatch, capsys):
     def reported(args):
         print("interrupted in epoch 3: weights saved to RUN/interrupted.pt", file=sys.stderr)
-        raise Interrupted
+        raise Preempted(2)  # SIGINT
 
     monkeypatch.setattr(cli, "cmd_recipes", reported)
     assert main(["recipes"]) == 130

@@ -1,0 +1,155 @@
+"""Stopping on a signal and resuming: a stop inside an epoch writes a checkpoint that a resume continues from at
+the same step, ending with the weights of a run never stopped; `--resume auto` restarts with the same command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import loaders
+from fastimagenet.cli import main
+from fastimagenet.metrics import read_metrics
+from tests.conftest import TINY_RUN, data_path
+
+RUN = [*TINY_RUN, "optim.lr=0.4", "schedule.lr=onecycle", "data.val_resolution=32", "optim.ema_decay=0.9",
+       "schedule.stages=0,24,8;1,32,8", "epochs=3"]
+
+
+class _SignalAt:
+    """A loader that sends this process a real signal once the loop has trained on batch `step` of epoch `epoch`
+    (while it fetches the next batch): the run stops after that next step."""
+
+    def __init__(self, inner, epoch: int, step: int, signum: int):
+        self.inner, self.at, self.signum, self.epoch = inner, (epoch, step), signum, None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, epoch, first_step=0):
+        self.epoch = epoch
+        self.inner.set_epoch(epoch, first_step)
+
+    def __iter__(self):
+        for step, batch in enumerate(self.inner):
+            yield batch
+            if (self.epoch, step) == self.at:
+                os.kill(os.getpid(), self.signum)
+
+
+def _args(loader, data, out, *extra, train=None, val=None):
+    train, val = train or data / "train", val or data / "val"
+    return ["train", "--loader", loader, f"data.train={train}", f"data.val={val}", f"runtime.out_dir={out}", *RUN,
+            *extra]
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "synthetic"])
+def test_a_stop_inside_an_epoch_resumes_at_that_step_and_ends_as_an_unstopped_run(loader, jpeg_dataset, tmp_path,
+                                                                                  monkeypatch, capsys):
+    extra = ["loader.synthetic_samples=96", "data.num_classes=4"] if loader == "synthetic" else []
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert main(_args(loader, jpeg_dataset, full, *extra)) == 0
+    build = loaders.build_loader
+    monkeypatch.setattr(loaders, "build_loader", lambda name, spec: _SignalAt(build(name, spec), 1, 4, signal.SIGTERM)
+                        if spec.train else build(name, spec))
+    assert main(_args(loader, jpeg_dataset, stopped, *extra)) == 128 + signal.SIGTERM
+    err = capsys.readouterr()
+    assert "SIGTERM: stopping after the current step" in err.err and "stopped in epoch 1 at step 6" in err.out
+    state = torch.load(stopped / "last.pt", weights_only=False)
+    assert state["position"]["epoch"] == 1 and state["position"]["step"] == 6 and state["epoch"] == 0
+    assert (stopped / "interrupted.pt").samefile(stopped / "last.pt")
+    monkeypatch.setattr(loaders, "build_loader", build)
+
+    assert main(["train", "--resume", str(stopped)]) == 0
+    assert "(resuming at epoch 1, step 6)" in capsys.readouterr().out
+    a, b = read_metrics(full), read_metrics(stopped)
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
+    sa, sb = (torch.load(run / "last.pt", weights_only=False) for run in (full, stopped))
+    for wa, wb in ((sa["model"], sb["model"]), (sa["ema"]["module"], sb["ema"]["module"])):
+        for key in wa:
+            assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-5, atol=1e-6), key
+    assert not (stopped / "interrupted.pt").exists()  # retired once an epoch finished after the resume
+
+
+@pytest.mark.parametrize("loader", ["dali", "ffcv"])
+def test_a_stop_inside_an_epoch_resumes_with_the_rest_of_its_samples(loader, jpeg_dataset, tmp_path, monkeypatch,
+                                                                     capsys):
+    """These backends draw their crops themselves (not per sample from the seed): the resumed epoch has the same
+    samples, not the same crops, so the run ends close to, not equal to, an unstopped one."""
+    train, val = (data_path(loader, jpeg_dataset / split, tmp_path) for split in ("train", "val"))
+    build = loaders.build_loader
+    monkeypatch.setattr(loaders, "build_loader", lambda name, spec: _SignalAt(build(name, spec), 1, 4, signal.SIGINT)
+                        if spec.train else build(name, spec))
+    out = tmp_path / "run"
+    assert main(_args(loader, None, out, "loader.dali.device=cpu", train=train, val=val)) == 128 + signal.SIGINT
+    assert torch.load(out / "last.pt", weights_only=False)["position"] == {"epoch": 1, "step": 6,
+                                                                           "loss_sum": pytest.approx(0, abs=1e9)}
+    monkeypatch.setattr(loaders, "build_loader", build)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2]
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_process_checkpoints_and_a_second_signal_exits_at_once(jpeg_dataset, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "fastimagenet", *_args("torchvision", jpeg_dataset, out,
+                                                                             "epochs=40")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # the first epoch has ended: the loop is running
+        if line.startswith("epoch 0:"):
+            break
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "continue with: fastimagenet train --resume" in stdout
+    torch.load(out / "last.pt", weights_only=False)  # whole
+
+    again = tmp_path / "again"
+    process = subprocess.Popen([sys.executable, "-m", "fastimagenet", *_args("torchvision", jpeg_dataset, again,
+                                                                             "epochs=40", "runtime.preempt_grace_s=60")],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 0:"):
+            break
+    process.send_signal(signal.SIGUSR1)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=60) == 128 + signal.SIGUSR1
+    torch.load(again / "last.pt", weights_only=False)  # the previous checkpoint, whole
+
+
+def test_resume_auto_starts_continues_and_knows_when_it_is_done(jpeg_dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    command = [*_args("torchvision", jpeg_dataset, out), "--resume", "auto"]
+    build = loaders.build_loader
+    monkeypatch.setattr(loaders, "build_loader", lambda name, spec: _SignalAt(build(name, spec), 0, 3, signal.SIGTERM)
+                        if spec.train else build(name, spec))
+    assert main(command) == 128 + signal.SIGTERM  # a fresh start, stopped in epoch 0
+    monkeypatch.setattr(loaders, "build_loader", build)
+    assert main(command) == 0  # the same command line continues it
+    assert "(resuming at epoch 0, step 5)" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2]
+    assert main(command) == 2
+    assert "already finished its 3 epochs" in capsys.readouterr().err
+    assert main([*command, "optim.lr=0.5"]) == 2  # a restart must repeat the run's own settings
+    assert "'optim.lr' (0.4 -> 0.5)" in capsys.readouterr().err
+
+
+def test_preemption_settings_are_checked():
+    from fastimagenet.config import load_config
+    from fastimagenet.errors import UserError
+
+    with pytest.raises(UserError, match="'runtime.checkpoint_every_min' must be 0 \\(off\\) or at least 1"):
+        load_config(None, ["runtime.checkpoint_every_min=0.5"])
+    with pytest.raises(UserError, match="'runtime.preempt_signal' must be one of"):
+        load_config(None, ["runtime.preempt_signal=SIGKILL"])
