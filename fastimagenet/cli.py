@@ -86,6 +86,17 @@ def cmd_bench_loader(args) -> None:
                               baselines, args.rounds))
 
 
+def cmd_bench_train(args) -> None:
+    from fastimagenet.bench import bench_train, print_result, train_table
+    from fastimagenet.config import load_config
+
+    results = []
+    for result in bench_train(load_config(args.config, _overrides(args)), args.steps, args.rounds):
+        print_result(result)
+        results.append(result)
+    print(train_table(results))
+
+
 def cmd_make_data(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -253,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Also measure, in the same run: 'torchvision' (the plain ImageFolder pipeline; the "
                          "default when the flag has no value) and/or 'raw' (the backend's library used by hand).")
     bl.set_defaults(func=cmd_bench_loader)
+    bt = bench_sub.add_parser(
+        "train", help="Images/s of the whole training step (forward, backward, optimizer) fed by a loader, and fed "
+                      "by the synthetic loader in the same run, per distinct (resolution, batch) of the recipe: "
+                      "one JSON line each (loader_efficiency: their ratio), then a table.")
+    bt.add_argument("--loader", choices=loaders.NAMES, required=True, help="Loader backend to measure.")
+    bt.add_argument("--config", help="A recipe: a YAML path or the name of a file in configs/ (default: the "
+                                     "built-in defaults); its model, precision, compile and schedule are used.")
+    bt.add_argument("--steps", type=int, default=50,
+                    help="Timed training steps per pass; keep it well above the loader's workers, as "
+                         "each pass starts a new epoch of the loader.")
+    bt.add_argument("--rounds", type=int, default=3,
+                    help="Timed passes per pipeline, taken in turns after one untimed warm-up pass "
+                         "each (compiles happen there); medians reported.")
+    bt.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="Config overrides, e.g. data.train=/data/train loader.workers=8 runtime.device=cuda.")
+    bt.set_defaults(func=cmd_bench_train)
 
     make = sub.add_parser("make-data", help="Write a built-in dataset as an ImageFolder tree (train/ and val/).")
     make.add_argument("kind", choices=("fashion-mnist", "jpegs"),
