@@ -153,4 +153,3 @@ def test_preemption_settings_are_checked():
         load_config(None, ["runtime.checkpoint_every_min=0.5"])
     with pytest.raises(UserError, match="'runtime.preempt_signal' must be one of"):
         load_config(None, ["runtime.preempt_signal=SIGKILL"])
-
