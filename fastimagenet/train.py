@@ -172,6 +172,25 @@ def _quiet(*args, **kwargs) -> None:
     """`print` of the ranks other than 0."""
 
 
+def _open_run_dir(cfg: Config, env: DistEnv, rt: Runtime, resuming: bool, overwrite: bool) -> tuple[Path, bool]:
+    """Rank 0's run directory, made only now that the data is found and the model built (and removed again if the
+    first epoch fails), so a run that stops on a setup mistake leaves nothing behind. Returns it and whether it is
+    new. The config is saved with what the `auto` settings became here."""
+    out_dir = run_dir_of(cfg)
+    new_dir = make_run_dir(out_dir, overwrite and not resuming)
+    try:
+        save_config(cfg, out_dir / "config.yaml", resolved={
+            "device": str(rt.device), "precision": rt.precision, "compile": rt.compile,
+            "processes": env.world_size, "torch": str(torch.__version__)})
+    except Exception:
+        if not resuming:
+            discard_run_dir(out_dir, new_dir)
+        raise
+    if resuming:
+        remove_partial_writes(out_dir)
+    return out_dir, new_dir
+
+
 def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overwrite: bool = False) -> dict:
     say = print if env.is_main else _quiet
     check_out_dir(cfg.runtime.out_dir, resuming=resume_from is not None, overwrite=overwrite)
@@ -184,21 +203,8 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
     if start_epoch >= plan.epochs:
         raise UserError(f"{resume_from}: the run already finished its {plan.epochs} epochs")
     run = build_training(cfg, plan, rt, env, state)
-    # Only now, with the data found and the model built, does rank 0 make the run directory (and it removes it
-    # again if the first epoch fails): a run that stops on a setup mistake leaves nothing behind.
-    out_dir, new_dir = (run_dir_of(cfg), False) if env.is_main else (None, False)
-    if env.is_main:
-        new_dir = make_run_dir(out_dir, overwrite and resume_from is None)
-        try:  # what the `auto` settings became here is saved beside the config
-            save_config(cfg, out_dir / "config.yaml", resolved={
-                "device": str(rt.device), "precision": rt.precision, "compile": rt.compile,
-                "processes": env.world_size, "torch": str(torch.__version__)})
-        except Exception:
-            if resume_from is None:
-                discard_run_dir(out_dir, new_dir)
-            raise
-        if state:
-            remove_partial_writes(out_dir)
+    out_dir, new_dir = _open_run_dir(cfg, env, rt, resuming=state is not None, overwrite=overwrite) \
+        if env.is_main else (None, False)
     keeper = CheckpointKeeper(out_dir, cfg.runtime.keep_best, state.get("best_ranking") if state else None,
                               state.get("best_ema") if state else None)
     del state  # restored into the model: no second copy of the weights for the whole run
