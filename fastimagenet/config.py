@@ -465,10 +465,7 @@ def from_saved(path: Path) -> Config:
     data = yaml.safe_load(path.read_text())
     data.pop("run", None)
     data.pop("resolved", None)
-    cfg = Config()
-    for key, value in _flatten(data).items():
-        set_key(cfg, key, value, str(path))
-    return cfg
+    return from_dict(data, str(path))
 
 
 def from_dict(data: dict, source: str) -> Config:
