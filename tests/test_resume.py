@@ -3,7 +3,9 @@ Ctrl-C leaves a checkpoint; best-k are kept; bad resume requests are clear error
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,10 +28,10 @@ def _args(data, out, epochs):
             f"runtime.out_dir={out}", f"epochs={epochs}", *TINY]
 
 
-def _start(data, out, epochs) -> subprocess.Popen:
+def _start(data, out, epochs, *extra) -> subprocess.Popen:
     # One intra-op thread, as in the runs it is compared with, so the float arithmetic is the same.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fastimagenet", *_args(data, out, epochs)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "fastimagenet", *_args(data, out, epochs), *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -43,6 +45,15 @@ def _wait_for_epochs(process, out, count: int, timeout: float = 240) -> None:
     raise AssertionError(f"no {count} epochs within {timeout} s")
 
 
+def _wait_for_a_step_of(process, epoch: int) -> None:
+    """Reads the progress bar on stderr until it shows a step of `epoch` done: a stop now lands inside that epoch."""
+    shown = ""
+    while not re.search(rf"epoch {epoch}: [^\n\r]*\| [1-9]\d*/", shown):
+        char = process.stderr.read(1)
+        assert char, f"the run ended before a step of epoch {epoch}: {shown[-2000:]}"
+        shown += char
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_an_uninterrupted_run(jpeg_dataset, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -53,6 +64,9 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(jpeg_dataset, tmp_path)
     finished = len(read_metrics(killed))
     assert 2 <= finished < 4
 
+    # A write cut by a kill leaves a temporary file beside the one it was replacing: there may be none from this
+    # kill (it depends on when it came), so one is planted
+    (killed / ".last.pt.tmp4242").write_bytes(b"the first half of a checkpoint")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -72,21 +86,29 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(jpeg_dataset, tmp_path)
         for key in wa:
             assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-4, atol=1e-6), key
     assert len(list(killed.glob("best-epoch*.pt"))) == 2  # runtime.keep_best=2
-    assert not list(killed.glob(".*.tmp*"))  # a write cut by the kill leaves a temp file; resume removes it
+    assert not list(killed.glob(".*.tmp*"))  # the resume removed it
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exports(jpeg_dataset, tmp_path):
     out = tmp_path / "run"
-    process = _start(jpeg_dataset, out, epochs=6)
-    _wait_for_epochs(process, out, 1)
+    process = _start(jpeg_dataset, out, 6, "schedule.stages=0,24,8")  # 96 images: 12 steps an epoch
+    _wait_for_a_step_of(process, 1)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     state = torch.load(out / "interrupted.pt", weights_only=False)
     assert (out / "interrupted.pt").samefile(out / "last.pt")  # the stop's resumable checkpoint, named for export
-    assert state.get("position", {"epoch": state["epoch"] + 1})["epoch"] >= 1  # inside or at the end of epoch 1+
+    # Where it stopped, against what was written apart from the checkpoint: metrics.jsonl logged epoch 0 alone as
+    # finished, and the EMA counted the optimizer steps taken.
+    assert [r["epoch"] for r in read_metrics(out)] == [0]
+    assert state["epoch"] == 0 and state["position"]["epoch"] == 1 and 1 <= state["position"]["step"] < 12
+    assert state["ema"]["updates"] == 12 + state["position"]["step"]
     assert main(["export", str(out), str(tmp_path / "weights.pt"), "--checkpoint", "interrupted"]) == 0
+    exported = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert exported.keys() == state["model"].keys()
+    assert all(torch.equal(exported[key], state["model"][key]) for key in exported)
+    assert json.loads((tmp_path / "weights.pt.json").read_text())["source"]["epoch"] == state["epoch"]
 
 
 def test_best_k_keeps_the_best_epochs_and_best_pt_points_at_the_top(tmp_path):
