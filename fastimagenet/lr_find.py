@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
 
 from fastimagenet.atomic import atomic_output
 from fastimagenet.config import Config
@@ -22,6 +21,7 @@ from fastimagenet.errors import UserError
 from fastimagenet.optim import set_lr
 from fastimagenet.plan import build_plan
 from fastimagenet.runtime import resolve_runtime, seed_everything
+from fastimagenet.train import train_step
 from fastimagenet.training_setup import build_training
 
 SMOOTHING = 0.9  # EMA of the loss: a single noisy batch must not end the test or pick the LR
@@ -70,15 +70,10 @@ def lr_range_test(cfg: Config, steps: int = 100, min_lr: float = 1e-4, max_lr: f
         lr = min_lr * (max_lr / min_lr) ** (step / (steps - 1))
         set_lr(run.optimizer, lr * batch_size / 256)
         total = 0.0
-        for _ in range(accum):
+        for micro in range(accum):
             images, labels = next(batches)
-            with rt.autocast():
-                loss = F.cross_entropy(run.forward(images), labels, label_smoothing=cfg.optim.label_smoothing)
-            run.scaler.scale(loss / accum).backward()  # fp16: scaled, so small gradients do not flush to zero
-            total += loss.item() / accum  # sync: every step's loss decides whether the test goes on
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
+            # train's own step (autocast, GradScaler, clipping): the LR found is the LR of that step
+            total += train_step(run, images, labels, accum, update=micro == accum - 1).item() / accum
         average = SMOOTHING * average + (1 - SMOOTHING) * total
         smoothed = average / (1 - SMOOTHING ** (step + 1))
         if not math.isfinite(smoothed):
