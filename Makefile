@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev libjpeg-dev dataset-fashion-mnist
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-quick test-gpu system-deps venv clean
@@ -21,7 +21,8 @@ test-quick: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests
 
-# FFCV compiles against OpenCV and libjpeg-turbo; the demo reads Debian's Fashion-MNIST.
+# FFCV compiles against OpenCV and libjpeg-turbo, our JPEG region decoder (loaders/_jpeg_roi.c) against libjpeg-turbo's
+# libjpeg API (libjpeg-dev); the demo reads Debian's Fashion-MNIST.
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -31,7 +32,7 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): requirements.txt pyproject.toml | system-deps
+$(STAMP): requirements.txt pyproject.toml setup.py loaders/_jpeg_roi.c | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .

@@ -1,0 +1,7 @@
+"""The one compiled part of the project: region-of-interest JPEG decoding against the system's libjpeg-turbo
+(headers from Debian's libjpeg-dev; Makefile: APT_PACKAGES). Everything else is declared in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("loaders._jpeg_roi", ["loaders/_jpeg_roi.c"], libraries=["jpeg"],
+                             extra_compile_args=["-O2"])])
