@@ -1,9 +1,12 @@
 """Decode one image straight to its crop at the output size (HWC uint8 RGB), as cheaply as the crop allows.
 
-JPEGs (nearly all of ImageNet) go through OpenCV's libjpeg-turbo with DCT-domain downscaling: when the crop is at
-least 2x, 4x or 8x the output size, the decoder itself produces a 1/2, 1/4 or 1/8 image, which is several times
-cheaper than decoding at full size. The resize is area-averaging when shrinking (antialiased, like PIL's) and
-bilinear when enlarging. Everything else (PNG, a PNG named .JPEG, BMP, WebP, ...) goes through PIL.
+JPEGs (nearly all of ImageNet) are decoded by libjpeg-turbo through loaders/_jpeg_roi.c, which decodes only the
+crop's region (the rows above it are skipped, those below never read, the columns cut to it) and scales it in the
+DCT domain: when the crop is at least 2x, 4x or 8x the output size, the decoder itself produces it at 1/2, 1/4 or
+1/8 scale. A random-resized crop covers about half the image on average, so much of the decode never happens. What
+remains is a shrink by less than 2x (or an enlargement): bilinear where that is as good as an area average, area
+averaging where bilinear would alias (BENCHMARKS.md; held by the quality guard in tests/test_image_decode.py).
+Everything else (PNG, a PNG named .JPEG, BMP, WebP, CMYK JPEGs, ...) goes through PIL.
 EXIF orientation is ignored, as torchvision's ImageFolder and FFCV do.
 
 Loaders decode only files dataset_tools/verify.py kept; the header is checked again here (format, pixel limit:
@@ -19,12 +22,11 @@ import numpy as np
 from PIL import Image
 
 from dataset_tools.image_rules import header_problem, to_plain_mode
+from loaders._jpeg_roi import Error as JpegError, decode_region
 from loaders.augment import Box
 
-# The DCT-scaling bits of OpenCV's read flags, combined below with RGB output (libjpeg then writes RGB itself).
-_SCALE_BITS = {1: 0, 2: cv2.IMREAD_REDUCED_COLOR_2 & ~cv2.IMREAD_COLOR, 4: cv2.IMREAD_REDUCED_COLOR_4 & ~cv2.IMREAD_COLOR,
-               8: cv2.IMREAD_REDUCED_COLOR_8 & ~cv2.IMREAD_COLOR}
-_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+_DCT_SCALES = (1, 2, 4, 8)  # the reductions libjpeg-turbo's fast (SIMD) inverse DCTs give
+_AREA_FROM = 1.5  # the shrink from which the resize averages areas instead of interpolating (see _jpeg_crop)
 
 
 class UnreadableImage(Exception):
@@ -44,28 +46,31 @@ def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
             raise UnreadableImage(problem)
         width, height = img.size
         box = box_of(width, height)
-        if img.format != "JPEG":
+        if img.format != "JPEG" or img.mode == "CMYK":  # libjpeg does not convert CMYK to RGB; PIL does
             return _pil_crop(img, box, size, flip)
-    return _jpeg_crop(path, width, height, box, size, flip)
+    return _jpeg_crop(path, box, size, flip)
 
 
-def _jpeg_crop(path: str, width: int, height: int, box: Box, size: int, flip: bool) -> np.ndarray:
-    data = np.fromfile(path, dtype=np.uint8)
+def _jpeg_crop(path: str, box: Box, size: int, flip: bool) -> np.ndarray:
+    with open(path, "rb") as file:
+        data = file.read()
     # libjpeg fills a truncated file with grey and only warns; a whole JPEG has its end-of-image marker after the scan
-    if not _has_end_marker(data.tobytes()):
+    if not _has_end_marker(data):
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     reduction = min(box[2] - box[0], box[3] - box[1]) / size
-    scale = max(s for s in _SCALE_BITS if s <= max(1.0, reduction))
-    rgb = cv2.imdecode(data, _SCALE_BITS[scale] | _RGB)
-    if rgb is None:
-        raise UnreadableImage("not a decodable JPEG")
-    sx, sy = rgb.shape[1] / width, rgb.shape[0] / height
-    left, top = int(box[0] * sx), int(box[1] * sy)
-    right, bottom = max(left + 1, math.ceil(box[2] * sx)), max(top + 1, math.ceil(box[3] * sy))
-    crop = rgb[top:bottom, left:right]
-    shrinking = crop.shape[0] > size or crop.shape[1] > size
-    out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    return cv2.flip(out, 1) if flip else out
+    scale = max(s for s in _DCT_SCALES if s <= max(1.0, reduction))
+    left, top = int(box[0] / scale), int(box[1] / scale)  # the whole pixels of the scaled image that cover the box
+    right, bottom = max(left + 1, math.ceil(box[2] / scale)), max(top + 1, math.ceil(box[3] / scale))
+    try:
+        pixels, width, height, x_offset = decode_region(data, scale, left, top, right, bottom)
+    except JpegError as exc:
+        raise UnreadableImage(f"not a decodable JPEG ({exc})") from None
+    crop = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)[:, x_offset:x_offset + right - left]
+    # What DCT scaling leaves is a shrink by less than 2x: bilinear below _AREA_FROM, where it is as good as an area
+    # average at a fifth of the cost; above it bilinear aliases (BENCHMARKS.md: quality of the resize).
+    shrink = max(crop.shape[:2]) / size
+    out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink >= _AREA_FROM else cv2.INTER_LINEAR)
+    return out[:, ::-1] if flip else out
 
 
 def _has_end_marker(data: bytes) -> bool:
