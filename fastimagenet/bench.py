@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import statistics
+import tempfile
 import time
 from typing import Iterator
 
@@ -30,11 +31,11 @@ def _one_pass(iterable) -> float:
     return images / (time.perf_counter() - start)
 
 
-def compare_throughput(pipelines: dict, rounds: int, one_pass=_one_pass) -> dict[str, float]:
-    """Median images/s of each pipeline over `rounds` timed passes (`one_pass(pipeline)` runs one and returns its
-    images/s; by default a whole epoch of an iterable), after one untimed pass each (worker start-up, JIT compiles,
-    cold page cache). The pipelines take turns in a rotating order, so a change of load on the machine during the
-    run hits every one of them alike."""
+def compare_throughput(pipelines: dict, rounds: int, one_pass=_one_pass) -> tuple[dict[str, float], dict[str, list]]:
+    """Median images/s of each pipeline over `rounds` timed passes, and every pass's images/s (`one_pass(pipeline)`
+    runs one and returns its images/s; by default a whole epoch of an iterable), after one untimed pass each (worker
+    start-up, JIT compiles, cold page cache). The pipelines take turns in a rotating order, so a change of load on
+    the machine during the run hits every one of them alike."""
     for pipeline in pipelines.values():
         one_pass(pipeline)
     names = list(pipelines)
@@ -42,7 +43,7 @@ def compare_throughput(pipelines: dict, rounds: int, one_pass=_one_pass) -> dict
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             figures[name].append(one_pass(pipelines[name]))
-    return {name: statistics.median(values) for name, values in figures.items()}
+    return {name: statistics.median(values) for name, values in figures.items()}, figures
 
 
 def torchvision_reference(data: str, resolution: int, batch_size: int, workers: int):
@@ -70,6 +71,19 @@ def image_folder_of(data: str) -> str:
     return read_sidecar(data)["source"]
 
 
+def ffcv_reference(spec: LoaderSpec, scratch: str):
+    """Raw FFCV (the library used by hand) reading a .beton of the same images: spec.path itself, or a .beton
+    written into `scratch` from that folder the way FFCV's ImageNet example writes one (JPEG, longer side at most
+    512 px, quality 90: ConvertOptions' defaults)."""
+    beton = spec.path
+    if not beton.endswith(".beton"):
+        from dataset_tools.convert import ConvertOptions, convert_split
+
+        beton = os.path.join(scratch, "reference.beton")
+        convert_split(spec.path, beton, ConvertOptions(workers=spec.workers()))
+    return loaders.build_raw_pipeline("ffcv", dataclasses.replace(spec, path=beton))
+
+
 def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers: int, device: str,
                  baselines: list[str], rounds: int = 3, options: LoaderConfig | None = None) -> dict:
     options = options or LoaderConfig(name=name, workers=workers)
@@ -77,18 +91,24 @@ def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers
     spec = LoaderSpec(path=data, train=True, resolution=resolution, batch_size=batch_size,
                       device=torch.device(device), augment=DataConfig(), options=options, path_key="--data",
                       batch_key="--batch-size")
-    pipelines = {"images_per_s": loaders.build_loader(name, spec)}
-    for baseline in baselines:
-        if baseline == "torchvision":
-            pipeline = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)
-        else:
-            pipeline = loaders.build_raw_pipeline(name, spec)
-        pipelines[f"{baseline}_images_per_s"] = pipeline
-    figures = compare_throughput(pipelines, rounds)
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as scratch:
+        pipelines = {"images_per_s": loaders.build_loader(name, spec)}
+        for baseline in baselines:
+            if baseline == "torchvision":
+                pipeline = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)
+            elif baseline == "ffcv":
+                pipeline = ffcv_reference(spec, scratch)
+            else:
+                pipeline = loaders.build_raw_pipeline(name, spec)
+            pipelines[f"{baseline}_images_per_s"] = pipeline
+        figures, passes = compare_throughput(pipelines, rounds)
     result = {"loader": name, "resolution": resolution, "batch_size": batch_size, "workers": workers,
               "device": device, "rounds": rounds, **figures}
     for baseline in baselines:
         result[f"ratio_vs_{baseline}"] = figures["images_per_s"] / figures[f"{baseline}_images_per_s"]
+        # the ratio within each round, where the pipelines ran back to back: how much of the median is load noise
+        result[f"round_ratios_vs_{baseline}"] = [ours / theirs for ours, theirs in
+                                                 zip(passes["images_per_s"], passes[f"{baseline}_images_per_s"])]
     return result
 
 
@@ -176,7 +196,7 @@ def bench_train(cfg: Config, steps: int = 50, rounds: int = 3) -> Iterator[dict]
         for feed in feeds.values():
             feed.reconfigure(row)
         # compare_throughput's untimed first pass of each is the warm-up: a new shape compiles there
-        figures = compare_throughput(feeds, rounds, one_pass=_TrainFeed.timed_pass)
+        figures, _ = compare_throughput(feeds, rounds, one_pass=_TrainFeed.timed_pass)
         yield {"loader": cfg.loader.name, "resolution": row.resolution, "batch_size": row.micro_batch,
                "accum_steps": row.accum_steps, "first_epoch": row.epoch, "model": cfg.model.arch,
                "device": str(rt.device), "precision": rt.precision, "compile": rt.compile, "steps": steps,

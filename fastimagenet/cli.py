@@ -260,9 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Where batches are delivered.")
     bl.add_argument("--rounds", type=int, default=3,
                     help="Timed passes per pipeline, taken in turns after one untimed pass each; medians reported.")
-    bl.add_argument("--baseline", nargs="*", choices=("torchvision", "raw"),
+    bl.add_argument("--baseline", nargs="*", choices=("torchvision", "raw", "ffcv"),
                     help="Also measure, in the same run: 'torchvision' (the plain ImageFolder pipeline; the "
-                         "default when the flag has no value) and/or 'raw' (the backend's library used by hand).")
+                         "default when the flag has no value), 'raw' (the backend's library used by hand) and/or "
+                         "'ffcv' (raw FFCV on a .beton of the same images: --data itself, or one converted from the "
+                         "folder into a temporary directory first). JSON keys: <baseline>_images_per_s, "
+                         "ratio_vs_<baseline> (of the medians) and round_ratios_vs_<baseline> (within each round).")
     bl.set_defaults(func=cmd_bench_loader)
     bt = bench_sub.add_parser(
         "train", help="Images/s of the whole training step (forward, backward, optimizer) fed by a loader, and fed "

@@ -1,0 +1,24 @@
+"""`bench loader --baseline ffcv`: raw FFCV on a .beton of the same images, converted from a folder when needed."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fastimagenet.cli import main
+
+
+@pytest.mark.slow
+def test_ffcv_baseline_converts_a_folder_into_a_temporary_beton(jpeg_dataset, capsys):
+    scratch = lambda: set(Path(tempfile.gettempdir()).glob("bench-loader-*"))  # noqa: E731
+    before = scratch()
+    assert main(["bench", "loader", "--loader", "torchvision", "--data", str(jpeg_dataset / "train"),
+                 "--resolution", "32", "--batch-size", "8", "--workers", "1", "--rounds", "2",
+                 "--baseline", "torchvision", "ffcv"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ffcv_images_per_s"] > 0 and result["torchvision_images_per_s"] > 0
+    assert len(result["round_ratios_vs_ffcv"]) == len(result["round_ratios_vs_torchvision"]) == 2
+    assert scratch() == before  # the .beton went with its temporary directory
