@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -16,6 +16,8 @@ from fastimagenet.cli import main
 from fastimagenet.config import load_config
 from fastimagenet.ema import ModelEma
 from fastimagenet.errors import UserError
+from fastimagenet import lr_find
+from fastimagenet import train as train_module
 from fastimagenet.lr_find import lr_range_test, suggest_lr
 from fastimagenet.metrics import read_metrics
 from fastimagenet.models import build_model
@@ -111,19 +113,33 @@ def test_ema_decay_out_of_range_is_an_error():
 
 # ---------------------------------------------------------------------------------------------- TTA, test res
 def test_flip_tta_scores_the_sum_of_the_image_and_its_mirror():
+    """7 images in batches of 4: the last batch is padded, and the padding is scored by nobody. The expected figures
+    are worked out image by image: the mirror made by reversing the columns, the loss as -log softmax."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
-    images = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
-    labels = torch.tensor([0, 1, 2, 0])
+    images = torch.randn(7, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 2, 1, 1])
     model(images)  # materialise the lazy layer
     rt = resolve_runtime(load_config(None, ["runtime.device=cpu"]))
-    plain = evaluate(model, model, [(images, labels)], rt, per_rank_batch=4, tta_flip=False)
-    tta = evaluate(model, model, [(images, labels)], rt, per_rank_batch=4, tta_flip=True)
+    loader = [(images[i : i + 4].contiguous(memory_format=torch.channels_last), labels[i : i + 4]) for i in (0, 4)]
+    plain = evaluate(model, model, loader, rt, per_rank_batch=4, tta_flip=False)
+    tta = evaluate(model, model, loader, rt, per_rank_batch=4, tta_flip=True)
+
+    def expected(logits_of) -> dict:
+        losses, hits = [], []
+        for image, label in zip(images, labels.tolist()):
+            logits = logits_of(image).double()
+            losses.append(math.log(logits.exp().sum()) - logits[label].item())
+            hits.append(int(logits.argmax()) == label)
+        return {"val_loss": sum(losses) / 7, "val_top1": sum(hits) / 7, "val_images": 7}
+
     with torch.no_grad():
-        assert plain["val_loss"] == pytest.approx(F.cross_entropy(model(images), labels).item(), rel=1e-5)
-        both = model(images) + model(images.flip(3))
-        assert tta["val_loss"] == pytest.approx(F.cross_entropy(both, labels).item(), rel=1e-5)
-        assert tta["val_top1"] == pytest.approx((both.argmax(1) == labels).float().mean().item())
+        one = lambda image: model(image[None])[0]  # noqa: E731
+        mirror = lambda image: image[:, :, list(range(7, -1, -1))]  # noqa: E731
+        assert {k: plain[k] for k in ("val_loss", "val_top1", "val_images")} == pytest.approx(expected(one), rel=1e-5)
+        both = expected(lambda image: one(image) + one(mirror(image)))
+        assert {k: tta[k] for k in ("val_loss", "val_top1", "val_images")} == pytest.approx(both, rel=1e-5)
+    assert tta["val_top1"] != plain["val_top1"]  # the mirror changed some answers: the two figures tell them apart
 
 
 def test_val_resolution_differs_from_the_last_training_resolution(jpeg_dataset):
@@ -143,15 +159,39 @@ def test_suggest_lr_picks_the_steepest_descent_before_the_minimum():
     assert suggest_lr(lrs[:5], [3.0, 2.0, 1.0, 2.0, 3.0]) == pytest.approx(lrs[2] / 10)  # too short a curve
 
 
-def test_lr_find_writes_a_png_and_suggests_an_lr_without_touching_runs(jpeg_dataset, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def cliff_loss(monkeypatch):
+    """lr-find's loss made a known function of the LR (per 256 images; the runs below use batch 16): 2 below 0.01,
+    1 from there to 1, far higher above. It falls fastest at the sweep's first LR of at least 0.01, and the test
+    diverges at its first LR above 1. The model still runs forward and backward on the loader's batches."""
+    lrs = []
+    set_lr = lr_find.set_lr
+    monkeypatch.setattr(lr_find, "set_lr", lambda optimizer, lr: (lrs.append(lr * 256 / 16), set_lr(optimizer, lr)))
+
+    def loss(logits, labels, label_smoothing):
+        return logits.sum() * 0 + (2.0 if lrs[-1] < 0.01 else 1.0 if lrs[-1] <= 1 else 1000.0)
+
+    monkeypatch.setattr(train_module, "F", SimpleNamespace(cross_entropy=loss))  # train_step's loss
+
+
+def test_lr_find_sweeps_and_suggests_where_the_loss_falls_fastest(jpeg_dataset, cliff_loss):
+    sweep = np.geomspace(1e-4, 10, 20)
+    result = lr_range_test(tiny_cfg(jpeg_dataset, "schedule.stages=0,24,16"), steps=20, min_lr=1e-4, max_lr=10)
+    diverged = int(np.argmax(sweep > 1))
+    assert result.stopped_early and result.lrs == pytest.approx(sweep[: diverged + 1].tolist())
+    assert result.suggested_lr == pytest.approx(sweep[sweep >= 0.01][0])
+
+
+def test_lr_find_writes_a_png_and_suggests_an_lr_without_touching_runs(jpeg_dataset, tmp_path, monkeypatch, capsys,
+                                                                        cliff_loss):
     monkeypatch.chdir(tmp_path)
     assert main(["lr-find", "--config", "resnet10_small_32px", f"data.train={jpeg_dataset / 'train'}",
                  "model.width=16", "optim.batch_size=16", "loader.workers=1", "runtime.device=cpu",
-                 "--steps", "12", "--out", "plots/lr.png"]) == 0
+                 "--steps", "20", "--out", "plots/lr.png"]) == 0
     out = capsys.readouterr().out
-    assert "lr-find: " in out and "at 32 px, batch 16" in out
-    suggested = float(out.split("suggested LR: optim.lr=")[1].split()[0])
-    assert 1e-4 <= suggested <= 10
+    assert "at 32 px, batch 16; stopped early: the loss diverged" in out
+    suggested = np.geomspace(1e-4, 10, 20)[8]  # the first of the sweep's LRs at or above 0.01
+    assert f"suggested LR: optim.lr={suggested:.3g} (per 256 images; {suggested / 16:.3g} at batch 16)" in out
     assert (tmp_path / "plots" / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Only the plot: no run directory, no checkpoint, no temporary file left behind.
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["plots", "plots/lr.png"]
@@ -161,7 +201,9 @@ def test_lr_find_stops_when_the_loss_diverges(jpeg_dataset):
     cfg = tiny_cfg(jpeg_dataset, "schedule.stages=0,24,16", "optim.label_smoothing=0")
     result = lr_range_test(cfg, steps=20, min_lr=10.0, max_lr=1e8)
     assert result.stopped_early and len(result.lrs) < 20
-    assert 0 < result.suggested_lr < result.lrs[-1]  # below where it blew up
+    assert result.losses[-1] > 4 * min(result.losses)  # the blow-up it stopped at: 4 times the lowest loss
+    # too short a curve for a slope: a tenth of the LR at the lowest loss
+    assert result.suggested_lr == result.lrs[result.losses.index(min(result.losses))] / 10
 
 
 def test_lr_find_writes_into_runtime_out_dir_when_no_out_is_given(jpeg_dataset, tmp_path, monkeypatch, capsys):
