@@ -32,7 +32,10 @@ def test_recipe_resolves_and_prints_its_schedule(name):
     plan = build_plan(cfg)
     table = plan.table().splitlines()
     assert len(table) == cfg.epochs + 2  # header, one row per epoch, eval resolution
-    assert table[-1] == f"eval at {plan.val_resolution} px"
+    # every recipe names its eval resolution and its largest training resolution: the table's ends, as written there
+    recipe = yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text())
+    assert table[-1] == f"eval at {recipe['data']['val_resolution']} px"
+    assert table[-2].split()[:2] == [str(recipe["epochs"] - 1), str(recipe["schedule"]["max_resolution"])]
     assert read_recipe(CONFIGS_DIR / f"{name}.yaml").description
 
 
