@@ -231,6 +231,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, options: ConvertOpti
     existing = [str(path) for path in outputs if path.exists()]
     if existing and not options.force:  # refuse before writing anything
         raise UserError(f"{', '.join(existing)}: already exists (add --force to overwrite)")
+    # val's classes are checked before anything is written: found after train.beton, the mistake would leave that
+    # file behind, which a re-run then refuses to overwrite
+    scan_image_folder(src / "val", classes or scan_image_folder(src / "train").classes)
     train = convert_split(src / "train", outputs[0], options, classes)
     val = convert_split(src / "val", outputs[1], options, read_sidecar(train.path)["classes"])
     return [train, val]
