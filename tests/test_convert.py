@@ -175,3 +175,92 @@ def test_sidecar_records_the_settings(quirks_beton):
     meta = json.loads(quirks_beton.with_name(quirks_beton.name + ".json").read_text())
     assert meta["classes"] == ["a_odd", "b_plain"] and meta["images"] == 6
     assert meta["write_mode"] == "jpg" and meta["max_resolution"] == 256 and meta["jpeg_quality"] == 90
+
+
+# ---------------------------------------------------------------------------------------------- the CLI's settings
+def convert_cli(src, dst, *flags) -> Beton:
+    assert main(["convert", str(src), str(dst), "--workers", "1", *flags]) == 0
+    return Beton(dst)
+
+
+def jpeg_count(beton: Beton) -> int:
+    return beton.images["mode"].tolist().count(0)  # FFCV's storage mode per record: 0 JPEG, 1 raw pixels
+
+
+def test_proportion_mode_stores_the_share_compress_probability_asks_for(one_per_class, tmp_path):
+    half = convert_cli(one_per_class, tmp_path / "half.beton", "--write-mode", "proportion")
+    assert 0 < jpeg_count(half) < 16  # the default share, 0.5: all 16 alike has a chance of 2 in 65536
+    every = convert_cli(one_per_class, tmp_path / "every.beton", "--write-mode", "proportion",
+                        "--compress-probability", "1")
+    assert jpeg_count(every) == 16
+
+
+def test_smart_mode_stores_as_jpeg_the_images_whose_pixels_exceed_the_threshold(one_per_class, tmp_path):
+    threshold = 48 * 48 * 3  # one_per_class: sides of 36 to 60 px, so images on both sides of it
+    beton = convert_cli(one_per_class, tmp_path / "s.beton", "--write-mode", "smart", "--smart-threshold",
+                        str(threshold))
+    sizes = [Image.open(path).size for path in sorted(one_per_class.glob("*/*"))]
+    expected = [0 if width * height * 3 > threshold else 1 for width, height in sizes]
+    assert 0 < expected.count(0) < 16 and beton.images["mode"].tolist() == expected
+
+
+def test_jpeg_quality_trades_stored_bytes_for_fidelity(one_per_class, tmp_path):
+    paths = sorted(one_per_class.glob("*/*"))
+
+    def stored_bytes(beton):
+        return sum(beton.sizes[int(ptr)] for ptr in beton.images["data_ptr"])
+
+    def error(beton):
+        return np.mean([np.abs(beton.pixels(i).astype(int) - load_rgb(str(path), 512)).mean()
+                        for i, path in enumerate(paths)])
+
+    low, high = (convert_cli(one_per_class, tmp_path / f"q{q}.beton", "--jpeg-quality", str(q)) for q in (20, 95))
+    assert stored_bytes(low) < stored_bytes(high) / 2 and error(low) > 2 * error(high)
+
+
+@pytest.fixture
+def splits_with_classes_apart(tmp_path):
+    """src/train with classes a, b, c and src/val with a and c only: by its own folders val's c would be label 1."""
+    for split, classes in (("train", "abc"), ("val", "ac")):
+        for name in classes:
+            (tmp_path / "src" / split / name).mkdir(parents=True)
+            Image.fromarray(gradient(24, 24)).save(tmp_path / "src" / split / name / "x.jpg")
+    return tmp_path / "src"
+
+
+def test_classes_from_labels_a_split_with_the_train_splits_classes(splits_with_classes_apart, tmp_path):
+    convert_cli(splits_with_classes_apart / "train", tmp_path / "train.beton")
+    val = convert_cli(splits_with_classes_apart / "val", tmp_path / "val.beton", "--classes-from",
+                      str(tmp_path / "train.beton"))
+    assert val.labels.tolist() == [0, 2] and read_sidecar(tmp_path / "val.beton")["classes"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--jpeg-quality", "0"], "JPEG quality 0 must be between 1 and 100"),
+    (["--compress-probability", "1.5"], "compress probability 1.5 must be between 0 and 1"),
+    (["--smart-threshold", "-1"], "subset, workers and smart threshold must not be negative"),
+    (["--max-resolution", "8"], "max resolution 8 must be between 16 and 65535 pixels"),
+    (["--classes-from", "train.beton"], "train.beton.json: missing, so the class names of train.beton are unknown"),
+])
+def test_bad_settings_exit_2_with_a_message_and_write_nothing(flags, message, one_per_class, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", str(one_per_class), "out/d.beton", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_root_is_checked_whole_before_anything_is_written(splits_with_classes_apart, tmp_path, capsys):
+    Image.fromarray(gradient(24, 24)).save(splits_with_classes_apart / "val" / "a" / "y.jpg")
+    (splits_with_classes_apart / "val" / "d").mkdir()  # a class train does not have
+    Image.fromarray(gradient(24, 24)).save(splits_with_classes_apart / "val" / "d" / "x.jpg")
+    out = tmp_path / "out"
+    assert main(["convert", str(splits_with_classes_apart), str(out)]) == 2
+    assert "val: classes not present in the train split: d" in capsys.readouterr().err
+    assert not out.exists()  # not even train.beton, which a re-run would then refuse to overwrite
+    assert main(["convert", str(splits_with_classes_apart), str(tmp_path / "data.beton")]) == 2
+    assert "holds train/ and val/: give an output directory" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "nowhere"), str(out / "x.beton")]) == 2
+    assert "nowhere: data directory does not exist" in capsys.readouterr().err
+    assert not out.exists()
