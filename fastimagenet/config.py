@@ -17,6 +17,7 @@ from typing import NamedTuple
 import yaml
 
 import loaders
+from dataset_tools.image_rules import MIN_STORED_SIDE
 from fastimagenet.errors import UserError
 from fastimagenet.models import ARCHS, check_model_options
 
@@ -408,6 +409,28 @@ def validate(cfg: Config) -> None:
         raise UserError("config: 'loader.ffcv.os_cache=false' needs 'loader.ffcv.order=quasi_random' (with "
                         f"'loader.ffcv.order={cfg.loader.ffcv.order}' each process would hold about the whole file "
                         "in memory); keep loader.ffcv.os_cache=true or set loader.ffcv.order=quasi_random")
+    if cfg.loader.name == "ffcv":
+        _validate_ffcv_crops(cfg.data)
+
+
+def _validate_ffcv_crops(data: DataConfig) -> None:
+    """FFCV's decoders crop without a lower bound, and an empty crop aborts the whole process inside OpenCV's resize.
+    Refuse settings that give one on the smallest images convert stores (MIN_STORED_SIDE pixels a side)."""
+    side = MIN_STORED_SIDE
+    smallest = f"an image with a {side}-pixel side, the smallest `fastimagenet convert` stores"
+    if int(data.crop_ratio * side) == 0:  # the centre crop: int(crop_ratio * shorter side) pixels
+        raise UserError(f"config: 'data.crop_ratio={data.crop_ratio}' makes FFCV's centre crop 0 pixels wide on "
+                        f"{smallest} (FFCV crops int(crop_ratio * shorter side)), which aborts the process; with "
+                        f"--loader ffcv use at least 1/{side} = {1 / side}")
+    low, high = data.ratio
+    # When no drawn crop fits, the random-resized crop takes the whole image cut to the aspect-ratio range: an image
+    # `side` pixels wide keeps round(side / low) rows, one `side` pixels high round(side * high) columns. data.scale
+    # has no such case: a draw with an empty side is drawn again, then this fallback is taken.
+    if round(side / low) == 0 or round(side * high) == 0:
+        raise UserError(f"config: 'data.ratio={low},{high}' makes FFCV's random-resized crop 0 pixels high or wide "
+                        f"on {smallest} (when no drawn crop fits, FFCV keeps round({side} / min) rows or "
+                        f"round({side} * max) columns), which aborts the process; with --loader ffcv keep "
+                        f"min < {2 * side} and max > 1/{2 * side}")
 
 
 def _validate_stages(stages: tuple[Stage, ...], epochs: int) -> None:

@@ -22,6 +22,7 @@ import loaders
 from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
 from fastimagenet import bench
 from fastimagenet.bench import bench_loader
+from fastimagenet.cli import main
 from fastimagenet.config import DataConfig, FfcvOptions, LoaderConfig, load_config
 from fastimagenet.errors import UserError
 from loaders.ffcv_loader import _gpu_index
@@ -127,6 +128,20 @@ def test_tiny_ffcv_run_learns_with_two_resolutions_and_batch_sizes(betons, tmp_p
     assert [m["resolution"] for m in metrics] == [24, 24, 32, 32, 32]
     assert [m["batch_size"] for m in metrics] == [16, 16, 8, 8, 8]
     assert metrics[-1]["val_top1"] >= 0.6  # 4 classes: chance is 0.25
+
+
+@pytest.mark.parametrize("setting, shown, nearest_allowed", [
+    ("data.crop_ratio=0.0624", "data.crop_ratio=0.0624", "data.crop_ratio=0.0625"),
+    ("data.ratio=32,40", "data.ratio=32.0,40.0", "data.ratio=31.9,40"),
+    ("data.ratio=0.01,0.03125", "data.ratio=0.01,0.03125", "data.ratio=0.01,0.0313"),
+])
+def test_a_crop_empty_on_the_smallest_stored_image_is_a_config_error(setting, shown, nearest_allowed, capsys):
+    """FFCV would crop 0 pixels of an image with a 16-pixel side (the smallest convert stores) and abort the process
+    inside OpenCV's resize; the command stops first with a config error naming the setting."""
+    assert main(["train", "--loader", "ffcv", "data.train=train.beton", "data.val=val.beton", setting]) == 2
+    err = capsys.readouterr().err
+    assert f"error: config: '{shown}' makes FFCV's" in err and "aborts the process" in err
+    load_config(None, ["loader.name=ffcv", nearest_allowed])
 
 
 def test_os_cache_is_the_default_and_off_only_with_quasi_random_order():
