@@ -187,7 +187,7 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
     scan = scan_image_folder(src, classes)
     if options.subset:
         scan = FolderScan(scan.root, scan.classes, _first_per_class(scan.samples, options.subset), scan.skipped)
-    samples, skipped = kept_samples(scan, str(src), options.strict, report=False,  # the summary lists them
+    samples, skipped, _ = kept_samples(scan, str(src), options.strict, report=False,  # the summary lists them
                                     lenient="leave out --strict")
     with atomic_output(dst) as tmp:  # makes the directory; a failed write is a message naming dst
         for _ in range(_MAX_PASSES):

@@ -46,6 +46,18 @@ def compare_throughput(pipelines: dict, rounds: int, one_pass=_one_pass) -> tupl
     return {name: statistics.median(values) for name, values in figures.items()}, figures
 
 
+class _Epochs:
+    """A loader iterated as `train` iterates it: each pass is its next epoch (set_epoch). The baselines, too, read a
+    new order each pass, and a backend may start reading its next epoch when one ends (DALI's own reader does)."""
+
+    def __init__(self, loader):
+        self.loader, self._epochs = loader, itertools.count()
+
+    def __iter__(self):
+        self.loader.set_epoch(next(self._epochs))
+        return iter(self.loader)
+
+
 def torchvision_reference(data: str, resolution: int, batch_size: int, workers: int):
     """The plain pipeline users start from: ImageFolder + RandomResizedCrop + flip + PILToTensor in a DataLoader."""
     from torchvision import datasets, transforms
@@ -92,7 +104,7 @@ def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers
                       device=torch.device(device), augment=DataConfig(), options=options, path_key="--data",
                       batch_key="--batch-size")
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as scratch:
-        pipelines = {"images_per_s": loaders.build_loader(name, spec)}
+        pipelines = {"images_per_s": _Epochs(loaders.build_loader(name, spec))}
         for baseline in baselines:
             if baseline == "torchvision":
                 pipeline = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Callable
 
 from fastimagenet.config import DataConfig
 
@@ -45,6 +46,23 @@ def center_crop_box(width: int, height: int, crop_ratio: float) -> Box:
     side = min(width, height) * crop_ratio
     left, top = (width - side) / 2, (height - side) / 2
     return (left, top, left + side, top + side)
+
+
+def train_crop(seed: int, epoch: int, index: int, aug: DataConfig) -> tuple[Callable[[int, int], Box], bool]:
+    """Sample `index`'s augmentation in `epoch`: (box_of, flip), where box_of(width, height) is its
+    random-resized-crop box in an image of that size (a decoder may learn the size from the header). Drawn from
+    (seed, epoch, index) alone, so every backend that draws per sample gives it the same crop, as does a resumed
+    epoch."""
+    rng = sample_rng(seed, epoch, index)
+    flip = aug.flip and rng.random() < 0.5
+    return (lambda width, height: random_resized_crop_box(width, height, aug, rng)), flip
+
+
+def pixel_window(box: Box, scale_x: float = 1.0, scale_y: float = 1.0) -> tuple[int, int, int, int]:
+    """The whole pixels (left, top, right, bottom) that cover `box` in the image decoded at (scale_x, scale_y) of
+    its size, at least one wide and high: what a backend crops before resizing."""
+    left, top = int(box[0] * scale_x), int(box[1] * scale_y)
+    return left, top, max(left + 1, math.ceil(box[2] * scale_x)), max(top + 1, math.ceil(box[3] * scale_y))
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:

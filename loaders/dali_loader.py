@@ -1,26 +1,34 @@
 """DALI backend: JPEG decode on the GPU (nvJPEG through DALI's `mixed` decoders), or on CPU threads without one.
 
-- Order: each epoch (and each evaluation) gets a pipeline whose file reader walks that epoch's files in our own
+- Order: each pass (an epoch, or an evaluation) gets a pipeline whose file reader walks that pass's files in our own
   order (epoch_order + shard, as every backend), so labels, order and sharding match the other backends exactly,
-  while DALI reads ahead in its own threads as when used by hand (a Python external source was ~5% slower on
-  cpu-2c). The epoch's resolution and batch size are simply those it is built with, so `reconfigure` needs no
-  rebuild of its own.
-- Memory: the pipeline lives for its epoch, DALI's memory pools for the process. A pipeline built per epoch,
-  rather than one kept per (resolution, batch) stage, holds nvJPEG's per-thread buffers (with the padding below,
-  ~200 MiB of device and ~270 MiB of pinned memory per decode thread) for one pipeline at a time instead of one set
-  per stage plus one for evaluation. Its pools are never released (no ReleaseUnusedMemory): the next pipeline takes
-  its buffers and batches from the blocks the previous one gave back, so once the pools have grown to the largest
-  stage, epochs take their memory from them rather than from CUDA. On GPU the device is synchronised once when a
-  pipeline goes, so the next one does not start while the last frees are pending and grow the pool (DALI #5087).
-- Hand-over without a host wait: on GPU the pipeline runs on torch's current CUDA stream (`run(stream)`: outputs
-  bound to that stream, no host wait), and the batch is copied into a torch tensor on that same stream (feed_ndarray
+  while DALI reads ahead in its own threads as when used by hand (a Python external source of the files' bytes was
+  ~5% slower on cpu-2c). The pass's resolution and batch size are simply those it is built with, so `reconfigure`
+  needs no rebuild of its own.
+- Crops: each training sample's random-resized-crop box and flip are drawn in Python from (seed, epoch, index)
+  with the torchvision backend's function (loaders/augment.py), from the image size verification read in the header,
+  and fed in step with the reader's batches (external source): the same crops as that backend, and a resumed epoch
+  (set_epoch(epoch, first_step)) gets the uninterrupted pass's crops. The decoder decodes only the window
+  (`decoders.image_slice`: ROI decode in libjpeg-turbo, and in nvJPEG on the GPU), then it is resized and flipped.
+  Eval: resize + centre crop. EXIF orientation is ignored, as by the other backends (DALI would apply it by default).
+- Between passes: when a pass has been read to its end, the pipeline of the next one (the next epoch, the way the
+  training loop asks for it; for evaluation the same pass again) is built and starts reading and decoding at once,
+  while the caller evaluates or checkpoints, as DALI's own reader reads on into its next epoch. If the next pass is
+  another one after all (a stage's new shape, a resumed epoch), that pipeline is dropped and the right one built.
+  A pass left early prepares nothing.
+- Memory: a pipeline lives for its pass, DALI's memory pools for the process. At most one training pipeline and one
+  evaluation pipeline exist at a time (the pass's own is dropped before the next one is built), each holding
+  nvJPEG's per-thread buffers (with the padding below, ~200 MiB of device and ~270 MiB of pinned memory per decode
+  thread). Pools are never released (no ReleaseUnusedMemory): the next pipeline takes its buffers and batches from
+  the blocks the previous one gave back, so once the pools have grown to the largest stage, epochs take their memory
+  from them rather than from CUDA. On GPU the device is synchronised once when a pipeline goes, so the next one does
+  not start while the last frees are pending and grow the pool (DALI #5087).
+- Hand-over without a host wait: on GPU the pipeline's outputs are bound to torch's current CUDA stream
+  (`outputs(stream)`: no host wait), and the batch is copied into a torch tensor on that same stream (feed_ndarray
   with a stream copies asynchronously). A copy rather than DLPack: the batch then lives in torch's caching allocator,
   and DALI's pool does not grow by whatever batches the training step still holds. Decoding on CPU for a CUDA
   device, the batch is copied into pinned memory, so its host->device copy does not block. Labels go to the device
   once per epoch (one copy of the epoch's label vector); each batch takes a view of it.
-- Train: the random-resized-crop is fused into the decode (`decoders.image_random_crop`: only the crop's pixels
-  are decoded), then resized to the epoch's resolution and flipped. Eval: resize + centre crop. EXIF orientation
-  is ignored, as by the other backends (DALI would apply it by default).
 - Files DALI cannot decode would kill the pipeline, so they leave the sample list up front (dataset_tools/verify.py,
   cached, once per node) and are reported like the other backends' skips. A pipeline that fails anyway says
   whether it ran out of memory or met a file it could not decode.
@@ -32,6 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
@@ -42,6 +51,7 @@ from dataset_tools.image_rules import KEPT_FORMATS
 from dataset_tools.verify import kept_samples
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
+from loaders.augment import pixel_window, train_crop
 from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
 
 # What this backend reads, as PIL names the formats: the formats every backend keeps (DALI's decoders read these and
@@ -81,19 +91,44 @@ def decoder_options(device: str, hw_decoder_load: float) -> dict:
     return options
 
 
-def augmented(encoded, train: bool, resolution: int, augment: DataConfig, device: str, hw_decoder_load: float):
-    """The DALI graph of our augmentation (loaders/augment.py) from encoded bytes to HWC uint8 RGB."""
-    decoder = decoder_options(device, hw_decoder_load)
-    if not train:
-        images = fn.decoders.image(encoded, **decoder)
-        images = fn.resize(images, resize_shorter=resolution / augment.crop_ratio)
-        return fn.crop(images, crop=(resolution, resolution))  # centred by default
-    images = fn.decoders.image_random_crop(encoded, random_area=list(augment.scale),
-                                           random_aspect_ratio=list(augment.ratio), num_attempts=10, **decoder)
+def train_images(encoded, anchors, shapes, flips, resolution: int, flip: bool, decoder: dict):
+    """Our training graph, from encoded bytes to HWC uint8 RGB: each sample's crop window (anchor and shape in whole
+    pixels, x first) decoded on its own, resized to the resolution, and flipped where its flag says."""
+    images = fn.decoders.image_slice(encoded, anchors, shapes, **decoder)  # integer inputs: absolute pixels
     images = fn.resize(images, resize_x=resolution, resize_y=resolution)
-    if augment.flip:
-        images = fn.flip(images, horizontal=fn.random.coin_flip())
-    return images
+    return fn.flip(images, horizontal=flips) if flip else images
+
+
+def eval_images(encoded, resolution: int, crop_ratio: float, decoder: dict):
+    """Evaluation, from encoded bytes to HWC uint8 RGB: the shorter side resized to resolution / crop_ratio, then the
+    centre crop (loaders/augment.py)."""
+    images = fn.decoders.image(encoded, **decoder)
+    images = fn.resize(images, resize_shorter=resolution / crop_ratio)
+    return fn.crop(images, crop=(resolution, resolution))  # centred by default
+
+
+class _CropWindows:
+    """The external source of a training pass (whole batches only): for its batch k, each sample's crop window
+    (anchors and shapes, x first, int32) and flip flag, drawn as the torchvision backend draws them
+    (loaders/augment.py). After the pass's last batch it raises StopIteration, so the pipeline schedules no work
+    past the pass."""
+
+    def __init__(self, indices: list[int], sizes: list[tuple[int, int]], batch_size: int, seed: int, epoch: int,
+                 augment: DataConfig):
+        self.indices, self.sizes, self.batch_size = indices, sizes, batch_size
+        self.seed, self.epoch, self.augment = seed, epoch, augment
+
+    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        batch = self.indices[k * self.batch_size : (k + 1) * self.batch_size]
+        if not batch:
+            raise StopIteration
+        windows = np.empty((self.batch_size, 4), dtype=np.int32)
+        flips = np.empty(self.batch_size, dtype=np.int32)
+        for row, index in enumerate(batch):
+            box_of, flips[row] = train_crop(self.seed, self.epoch, index, self.augment)
+            windows[row] = pixel_window(box_of(*self.sizes[index]))
+        anchors = windows[:, :2]
+        return np.ascontiguousarray(anchors), windows[:, 2:] - anchors, flips
 
 
 def _threads(spec: LoaderSpec) -> int:
@@ -124,7 +159,7 @@ def output_stream(hand: Handover) -> torch.cuda.Stream | None:
 def _new_pipeline(spec: LoaderSpec, batch_size: int, seed: int) -> Pipeline:
     gpu = handover(decode_device(spec), spec.device).gpu
     device_id = None if gpu is None else torch.cuda.current_device() if gpu.index is None else gpu.index
-    # exec_dynamic is DALI's default executor, named because outputs on a CUDA stream (`run(stream)`) require it.
+    # exec_dynamic is DALI's default executor, named because outputs on a CUDA stream (`outputs(stream)`) require it.
     return Pipeline(batch_size=batch_size, num_threads=_threads(spec), device_id=device_id, seed=seed,
                     prefetch_queue_depth=spec.options.dali.prefetch, exec_dynamic=True)
 
@@ -175,11 +210,23 @@ def pipeline_error(exc: Exception, files: list[str]) -> Exception:
     return exc
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """What a pass reads: the epoch (it draws the order and the crops; evaluation reads the same in every epoch,
+    so 0), the step it starts at, and its shape."""
+
+    epoch: int
+    first_step: int
+    resolution: int
+    batch_size: int
+
+
 class DaliLoader:
     def __init__(self, spec: LoaderSpec):
         scan = scan_image_folder(spec.path, spec.classes)
-        # The files every backend keeps: DALI never meets one it cannot decode, nor a decompression bomb.
-        samples, self.skipped = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
+        # The files every backend keeps: DALI never meets one it cannot decode, nor a decompression bomb. Their
+        # sizes (from the headers) place the crop windows.
+        samples, self.skipped, self._sizes = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
         self.spec, self.classes = spec, scan.classes
         self._decode_device = decode_device(spec)
         self._handover = handover(self._decode_device, spec.device)
@@ -188,18 +235,19 @@ class DaliLoader:
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
         self.first_step = 0
         self._check_fits()
-        self._pipe = None
+        self._pipe = None  # the running pass's pipeline
+        self._prepared: tuple[_Pass, Pipeline] | None = None  # the next pass's, started when the last one ended
 
     def _check_fits(self) -> None:
         if self.spec.train:
             check_batch_fits(self.batch_size, len(self._paths) // self.spec.world_size, self.spec.path,
                              self.spec.batch_setting())
 
-    def _indices(self) -> torch.Tensor:
-        return rank_share(epoch_order(len(self._paths), self.spec.seed, self.epoch, self.spec.train), self.spec)
+    def _indices(self, epoch: int) -> torch.Tensor:
+        return rank_share(epoch_order(len(self._paths), self.spec.seed, epoch, self.spec.train), self.spec)
 
     def __len__(self) -> int:
-        return batches_per_epoch(len(self._indices()), self.batch_size, self.spec.train)
+        return batches_per_epoch(len(self._indices(self.epoch)), self.batch_size, self.spec.train)
 
     def set_epoch(self, epoch: int, first_step: int = 0) -> None:
         self.epoch, self.first_step = epoch, first_step
@@ -208,15 +256,27 @@ class DaliLoader:
         self.resolution, self.batch_size = resolution, self.spec.per_rank_batch(batch_size)
         self._check_fits()
 
-    def _release_pipeline(self) -> None:
-        """Drop the epoch's pipeline; DALI's memory pools stay for the next one (see the module notes)."""
-        if self._pipe is None:
-            return
-        self._pipe = None
+    def _pass(self, epoch: int, first_step: int) -> _Pass:
+        return _Pass(epoch if self.spec.train else 0, first_step, self.resolution, self.batch_size)
+
+    def _pass_indices(self, run: _Pass) -> list[int]:
+        """The samples a pass reads, in order: a resumed epoch reads only those it has not had yet."""
+        indices = self._indices(run.epoch)
+        batches = batches_per_epoch(len(indices), run.batch_size, self.spec.train)
+        return indices.tolist()[run.first_step * run.batch_size : batches * run.batch_size]
+
+    def _pools_settle(self) -> None:
+        """Called once a pipeline is gone (DALI's memory pools stay for the next one: see the module notes)."""
         if self._handover.gpu is not None:
-            # sync, once per epoch: the pipeline's last stream-ordered frees (and our copies out of its buffers) are
-            # complete before the next pipeline allocates, so it reuses those blocks instead of growing the pool.
+            # sync, once per pipeline: its last stream-ordered frees (and our copies out of its buffers) are complete
+            # before the next pipeline allocates, so it reuses those blocks instead of growing the pool.
             torch.cuda.synchronize(self._handover.gpu)
+
+    def _release_pipeline(self) -> None:
+        """Drop the running pass's pipeline."""
+        if self._pipe is not None:
+            self._pipe = None
+            self._pools_settle()
 
     def _epoch_labels(self, indices: list[int]) -> torch.Tensor:
         """The epoch's labels on the training device in one copy (batches take views): no per-step host->device
@@ -226,59 +286,88 @@ class DaliLoader:
             labels = labels.pin_memory()
         return labels.to(self.spec.device, non_blocking=labels.is_pinned())
 
-    def _epoch_pipeline(self, indices: list[int]) -> Pipeline:
-        """A pipeline whose file reader walks this epoch's files in our order. Built per epoch (milliseconds): DALI's
-        reader then reads ahead in its own threads, as it does when used by hand."""
+    def _started_pipeline(self, run: _Pass, indices: list[int]) -> Pipeline:
+        """A pipeline whose file reader walks the pass's files in our order, fed each training sample's crop window
+        in step with it; built (milliseconds) and already reading and decoding its first batches."""
         spec = self.spec
-        # Crops and flips are seeded per (seed, rank, epoch): reproducible, and no two ranks or epochs repeat.
-        seed = ((spec.seed * 1_000 + spec.rank) * 100_003 + self.epoch) % 2**31
-        pipe = _new_pipeline(spec, self.batch_size, seed)
+        decoder = decoder_options(self._decode_device, spec.options.dali.hw_decoder_load)
+        pipe = _new_pipeline(spec, run.batch_size, spec.seed)
         with pipe:
-            # The last batch is padded with repeats of the last file; __iter__ keeps only the real samples.
+            # A last batch short of the batch size is padded with repeats of the last file; __iter__ keeps only the
+            # real samples.
             encoded, _ = fn.readers.file(files=[self._paths[i] for i in indices], random_shuffle=False,
                                          pad_last_batch=True)
-            pipe.set_outputs(augmented(encoded, spec.train, self.resolution, spec.augment, self._decode_device,
-                                       spec.options.dali.hw_decoder_load))
+            if spec.train:
+                windows = _CropWindows(indices, self._sizes, run.batch_size, spec.seed, run.epoch, spec.augment)
+                anchors, shapes, flips = fn.external_source(windows, num_outputs=3, batch=True,
+                                                            dtype=types.INT32, ndim=[1, 1, 0])
+                images = train_images(encoded, anchors, shapes, flips, run.resolution, spec.augment.flip, decoder)
+            else:
+                images = eval_images(encoded, run.resolution, spec.augment.crop_ratio, decoder)
+            pipe.set_outputs(images)
         try:
             pipe.build()  # on GPU the decoder takes its nvJPEG buffers here: the first place memory can run out
+            pipe.schedule_run()  # fills DALI's prefetch queue: the reading and decoding start now
         except (RuntimeError, MemoryError) as exc:
             raise pipeline_error(exc, [self._paths[i] for i in indices[:3]]) from None
         return pipe
 
+    def _pipeline_for(self, run: _Pass, indices: list[int]) -> Pipeline:
+        """The pipeline prepared for this pass, or a new one (a pipeline prepared for another pass goes first)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            if prepared[0] == run:
+                return prepared[1]
+            del prepared
+            self._pools_settle()
+        return self._started_pipeline(run, indices)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        size = self.batch_size
-        # A resumed epoch reads only the samples it has not had yet (its crops, drawn by DALI, differ from the
-        # uninterrupted pass's)
-        indices = self._indices().tolist()[self.first_step * size : len(self) * size]
+        run = self._pass(self.epoch, self.first_step)
+        size, indices = run.batch_size, self._pass_indices(run)
         labels = self._epoch_labels(indices)
-        self._release_pipeline()
-        self._pipe = self._epoch_pipeline(indices)
+        self._release_pipeline()  # a pass left early by a consumer that kept its iterator
+        self._pipe = self._pipeline_for(run, indices)
         try:
             for start in range(0, len(indices), size):
                 count = min(size, len(indices) - start)
                 stream = output_stream(self._handover)
                 try:
-                    (images,) = self._pipe.run(stream)  # positional: run()'s keywords name pipeline inputs
+                    if start:
+                        self._pipe.schedule_run()  # one more batch in flight for each one taken
+                    (images,) = self._pipe.outputs(stream)
                 except (RuntimeError, MemoryError) as exc:
                     raise pipeline_error(exc, [self._paths[i] for i in indices[start : start + 3]]) from None
                 images = _to_torch(images, self._handover, stream)[:count]
                 yield to_device_nchw(images, labels[start : start + count], self.spec.device)
-        finally:  # the epoch's pipeline (and anything it prefetched) goes with the epoch
+        finally:  # the pass's pipeline (and anything it prefetched) goes with the pass
             self._release_pipeline()
+        # Read to its end: the next pass starts now (see the module notes)
+        following = self._pass(self.epoch + 1, 0)
+        self._prepared = following, self._started_pipeline(following, self._pass_indices(following))
 
 
 class _RawIterator:
-    """DALI used by hand: its file reader shuffling and sharding, its PyTorch iterator copying out."""
+    """DALI used by hand: its file reader shuffling and sharding, its random crop and flip, its PyTorch iterator
+    copying out."""
 
     def __init__(self, spec: LoaderSpec):
         scan = scan_image_folder(spec.path, spec.classes)
+        decoder = decoder_options(decode_device(spec), spec.options.dali.hw_decoder_load)
         pipe = _new_pipeline(spec, spec.per_rank_batch(), seed=spec.seed)
         with pipe:
             encoded, labels = fn.readers.file(
                 files=[path for path, _ in scan.samples], labels=[label for _, label in scan.samples],
                 random_shuffle=spec.train, shard_id=spec.rank, num_shards=spec.world_size, name="reader")
-            images = augmented(encoded, spec.train, spec.resolution, spec.augment, decode_device(spec),
-                               spec.options.dali.hw_decoder_load)
+            if spec.train:
+                images = fn.decoders.image_random_crop(encoded, random_area=list(spec.augment.scale),
+                                                       random_aspect_ratio=list(spec.augment.ratio), num_attempts=10,
+                                                       **decoder)
+                images = fn.resize(images, resize_x=spec.resolution, resize_y=spec.resolution)
+                if spec.augment.flip:
+                    images = fn.flip(images, horizontal=fn.random.coin_flip())
+            else:
+                images = eval_images(encoded, spec.resolution, spec.augment.crop_ratio, decoder)
             pipe.set_outputs(images, labels)
         policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",

@@ -15,15 +15,13 @@ dataset_tools/image_rules.py) so that a file changed since is refused before any
 
 from __future__ import annotations
 
-import math
-
 import cv2
 import numpy as np
 from PIL import Image
 
 from dataset_tools.image_rules import header_problem, to_plain_mode
 from loaders._jpeg_roi import Error as JpegError, decode_region
-from loaders.augment import Box
+from loaders.augment import Box, pixel_window
 
 _DCT_SCALES = (1, 2, 4, 8)  # the reductions libjpeg-turbo's fast (SIMD) inverse DCTs give
 _AREA_FROM = 1.5  # the shrink from which the resize averages areas instead of interpolating (see _jpeg_crop)
@@ -59,8 +57,7 @@ def _jpeg_crop(path: str, box: Box, size: int, flip: bool) -> np.ndarray:
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     reduction = min(box[2] - box[0], box[3] - box[1]) / size
     scale = max(s for s in _DCT_SCALES if s <= max(1.0, reduction))
-    left, top = int(box[0] / scale), int(box[1] / scale)  # the whole pixels of the scaled image that cover the box
-    right, bottom = max(left + 1, math.ceil(box[2] / scale)), max(top + 1, math.ceil(box[3] / scale))
+    left, top, right, bottom = pixel_window(box, 1 / scale, 1 / scale)  # whole pixels of the scaled image
     try:
         pixels, width, height, x_offset = decode_region(data, scale, left, top, right, bottom)
     except JpegError as exc:

@@ -23,7 +23,7 @@ from dataset_tools.scan import scan_image_folder
 from dataset_tools.verify import kept_samples
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
-from loaders.augment import center_crop_box, random_resized_crop_box, sample_rng
+from loaders.augment import center_crop_box, train_crop
 from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, local_world_size, rank_share,
                           to_device_nchw)
 from loaders.image_decode import decode_crop, single_threaded_worker
@@ -46,9 +46,8 @@ class _FolderDataset(Dataset):
         path = self.samples[index][0]
         if not self.train:
             return decode_crop(path, lambda w, h: center_crop_box(w, h, self.augment.crop_ratio), resolution, False)
-        rng = sample_rng(self.seed, epoch, index)
-        box_of = lambda w, h: random_resized_crop_box(w, h, self.augment, rng)  # noqa: E731
-        return decode_crop(path, box_of, resolution, self.augment.flip and rng.random() < 0.5)
+        box_of, flip = train_crop(self.seed, epoch, index, self.augment)
+        return decode_crop(path, box_of, resolution, flip)
 
     def __getitem__(self, request: tuple[int, int, int]):
         index, resolution, epoch = request
@@ -137,7 +136,7 @@ class TorchvisionLoader:
         scan = scan_image_folder(spec.path, spec.classes)
         # The files every backend keeps (verified once per node and cached, as for DALI); what is left out is
         # reported now. A file that fails later anyway (changed since) is replaced by a neighbour and reported.
-        samples, self.skipped = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
+        samples, self.skipped, _ = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
         self.spec, self.classes = spec, scan.classes
         self._sampler = _EpochBatchSampler(len(samples), spec)
         if spec.train:

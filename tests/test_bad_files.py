@@ -179,7 +179,7 @@ def test_the_reasons_say_what_is_wrong(gauntlet):
     from dataset_tools.scan import scan_image_folder
     from dataset_tools.verify import kept_samples
 
-    _, skipped = kept_samples(scan_image_folder(gauntlet), str(gauntlet), report=False)
+    skipped = kept_samples(scan_image_folder(gauntlet), str(gauntlet), report=False).skipped
     reason = {os.path.relpath(path, gauntlet): why for path, why in skipped.items()}
     for bomb in ("class_b/bomb.png", "class_a/huge_header.jpg"):  # PIL's words above twice its limit, ours below
         assert "decompression bomb" in reason[bomb].lower()
@@ -206,13 +206,13 @@ def test_thin_images_are_stored_thick_enough_for_ffcv(gauntlet):
 
 _PEAK_MEMORY = """
 import resource, sys
-from dataset_tools.verify import image_problem
+from dataset_tools.verify import inspect_image
 from dataset_tools.convert import load_rgb
 from loaders.image_decode import decode_crop
 from loaders.augment import center_crop_box
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for path in sys.argv[1:]:
-    assert image_problem(path) is not None
+    assert inspect_image(path).problem is not None
     for attempt in (lambda: load_rgb(path, 512), lambda: decode_crop(path, lambda w, h: center_crop_box(w, h, 0.875), 64, False)):
         try:
             attempt()
@@ -239,9 +239,9 @@ def test_decompression_bombs_are_refused_without_allocating_them(gauntlet):
 
 def test_a_pil_limit_switched_off_does_not_let_a_bomb_through(gauntlet, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # as some libraries do
-    from dataset_tools.verify import image_problem
+    from dataset_tools.verify import inspect_image
 
-    assert "refused before decoding" in image_problem(str(gauntlet / "class_b" / "bomb.png"))
+    assert "refused before decoding" in inspect_image(str(gauntlet / "class_b" / "bomb.png")).problem
 
 
 # --- disk trouble -----------------------------------------------------------------------------------------------

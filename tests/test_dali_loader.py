@@ -20,8 +20,10 @@ from PIL import Image
 import loaders
 from dataset_tools import verify
 from dataset_tools.scan import scan_image_folder
+from fastimagenet.bench import bench_loader
 from fastimagenet.config import DaliOptions, LoaderConfig
 from fastimagenet.errors import UserError
+from loaders import dali_loader
 from loaders.dali_loader import (DALI_FORMATS, Handover, decoder_options, dali_failure, handover, output_stream,
                                  pipeline_error)
 from tests.conftest import make_spec, train
@@ -38,15 +40,23 @@ def labels_of(loader) -> list[int]:
 
 
 @pytest.mark.parametrize("train_split", [True, False])
-def test_labels_and_order_match_the_torchvision_backend(jpeg_dataset, train_split):
+def test_labels_order_and_crops_match_the_torchvision_backend(jpeg_dataset, train_split):
+    """The same samples in the same order; in training also the same crops and flips (drawn per sample from
+    (seed, epoch, index) by loaders/augment.py), so each image differs from torchvision's only by decoder and resize
+    (mean absolute difference ~3 of 255 here, where another crop of the same photo differs by tens). Epoch 1 is the
+    one DALI prepared when epoch 0 ended; epoch 3 is not, so its prepared epoch 2 is dropped."""
     path = jpeg_dataset / ("train" if train_split else "val")
     spec = dict(train=train_split, batch_size=8, seed=5)
     dali = loaders.build_loader("dali", dali_spec(path, **spec))
     reference = loaders.build_loader("torchvision", make_spec(path, workers=0, **spec))
-    for epoch in (0, 3):
+    for epoch in (0, 1, 3):
         dali.set_epoch(epoch)
         reference.set_epoch(epoch)
-        assert labels_of(dali) == labels_of(reference)
+        ours, theirs = list(dali), list(reference)
+        assert [labels.tolist() for _, labels in ours] == [labels.tolist() for _, labels in theirs]
+        if train_split:
+            for (a, _), (b, _) in zip(ours, theirs):
+                assert (a.float() - b.float()).abs().mean(dim=(1, 2, 3)).max() < 10
     assert dali.classes == reference.classes
 
 
@@ -65,25 +75,40 @@ def test_pixels_are_the_image_and_val_is_deterministic(tmp_path):
     assert torch.equal(again, images)
 
 
-def test_each_epoch_gets_its_stage_shape_and_its_pipeline_is_released_but_not_the_pools(jpeg_dataset, monkeypatch):
+def test_each_epoch_gets_its_stage_shape_and_one_pipeline_at_a_time_but_the_pools_stay(jpeg_dataset, monkeypatch):
+    """An epoch read to its end starts the next epoch's pipeline at its shape: used when the next epoch keeps it,
+    dropped when a new stage comes (or another epoch). At no time is more than one pipeline alive."""
     released = []  # DALI's pools must outlive the pipelines: the next one takes its memory from them
     for module in (dali_backend, dali_backend_impl):
         monkeypatch.setattr(module, "ReleaseUnusedMemory", lambda: released.append(True))
+    built = []
+    new_pipeline = dali_loader._new_pipeline
+    monkeypatch.setattr(dali_loader, "_new_pipeline",
+                        lambda *args: built.append(weakref.ref(pipe := new_pipeline(*args))) or pipe)
+    alive = lambda: sum(ref() is not None for ref in built)  # noqa: E731
     loader = loaders.build_loader("dali", dali_spec(jpeg_dataset / "train", batch_size=8))
-    pipelines = []
     for epoch, (resolution, batch) in enumerate([(32, 8), (32, 8), (24, 16), (40, 4), (32, 8), (48, 12)]):
         loader.reconfigure(resolution, batch)
         loader.set_epoch(epoch)
         shapes = set()
         for images, _ in loader:
             shapes.add(tuple(images.shape))
-            if len(shapes) == 1 and loader._pipe is not None and not pipelines[epoch:]:
-                pipelines.append(weakref.ref(loader._pipe))
+            gc.collect()
+            assert alive() == 1
         assert shapes == {(batch, 3, resolution, resolution)}
-        assert loader._pipe is None  # released with its epoch
+        assert loader._pipe is None and loader._prepared[0].epoch == epoch + 1  # the next epoch's, started
     gc.collect()
-    assert len(pipelines) == 6 and all(ref() is None for ref in pipelines)
+    assert alive() == 1
+    # epoch 0's, then one prepared at each epoch's end; epochs 2-5 changed shape, so theirs were built anew
+    assert len(built) == 1 + 6 + 4
     assert released == []
+
+
+def test_an_epoch_left_early_prepares_nothing(jpeg_dataset):
+    loader = loaders.build_loader("dali", dali_spec(jpeg_dataset / "train", batch_size=8))
+    for _ in zip(range(2), loader):
+        pass
+    assert loader._pipe is None and loader._prepared is None
 
 
 def test_labels_are_copied_once_per_epoch_and_batches_take_views(jpeg_dataset):
@@ -150,8 +175,8 @@ def test_strict_mode_makes_a_bad_file_an_error(folder_with_bad_files):
 
 def test_verification_is_cached_and_redone_for_changed_files(folder_with_bad_files, monkeypatch):
     checked = []
-    real = verify.image_problem
-    monkeypatch.setattr(verify, "image_problem", lambda path, formats: checked.append(path) or real(path, formats))
+    real = verify.inspect_image
+    monkeypatch.setattr(verify, "inspect_image", lambda path, formats: checked.append(path) or real(path, formats))
     loaders.build_loader("dali", dali_spec(folder_with_bad_files))
     assert len(checked) == 99
     checked.clear()
@@ -161,6 +186,19 @@ def test_verification_is_cached_and_redone_for_changed_files(folder_with_bad_fil
     shutil.copy(next((folder_with_bad_files / "class_00").glob("img_*.jpg")), fixed)
     loader = loaders.build_loader("dali", dali_spec(folder_with_bad_files))
     assert checked == [str(fixed)] and str(fixed) not in loader.skipped
+
+
+def test_verification_records_each_kept_image_size_from_its_header(folder_with_bad_files, monkeypatch):
+    """The sizes DALI places its crop windows with: as the headers state them, also when read from the cache."""
+    scan = scan_image_folder(folder_with_bad_files)
+    kept = verify.kept_samples(scan, "train")
+    headers = []
+    for path, _ in kept.samples:
+        with Image.open(path) as img:
+            headers.append(img.size)
+    assert kept.sizes == headers and len(set(headers)) > 10  # photo-like sizes vary
+    monkeypatch.setattr(verify, "inspect_image", None)  # nothing is inspected again
+    assert verify.kept_samples(scan, "train").sizes == headers
 
 
 def test_a_damaged_verification_cache_is_ignored(folder_with_bad_files):
@@ -222,11 +260,11 @@ def test_out_of_memory_names_what_to_lower():
 def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str) -> None:
     os.environ["FASTIMAGENET_CACHE"] = cache
     checked = []
-    real = verify.image_problem
-    verify.image_problem = lambda path, formats: checked.append(path) or real(path, formats)
+    real = verify.inspect_image
+    verify.inspect_image = lambda path, formats: checked.append(path) or real(path, formats)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        good, bad = verify.verified_samples(scan_image_folder(root), DALI_FORMATS, local_rank=rank)
+        good, bad, _ = verify.verified_samples(scan_image_folder(root), DALI_FORMATS, local_rank=rank)
     finally:
         torch.distributed.destroy_process_group()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"checked": len(checked), "good": good, "bad": bad}))
@@ -255,6 +293,18 @@ def test_raw_baseline_yields_the_same_shapes(jpeg_dataset):
     assert len(batches) == 12
     images, labels = batches[0]
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+
+
+def test_bench_times_passes_as_epochs_so_each_prepared_epoch_is_used(jpeg_dataset, monkeypatch):
+    """`bench loader` runs the loader as `train` does, a new epoch each pass: every pass but the first (3 rounds
+    after 1 untimed) takes the pipeline its previous one prepared, as the raw reader reads on into its next epoch."""
+    built = []
+    new_pipeline = dali_loader._new_pipeline
+    monkeypatch.setattr(dali_loader, "_new_pipeline", lambda *args: built.append(args) or new_pipeline(*args))
+    result = bench_loader("dali", str(jpeg_dataset / "train"), 32, 16, 1, "cpu", [], rounds=3,
+                          options=LoaderConfig(name="dali", workers=1, dali=DaliOptions(device="cpu")))
+    assert result["images_per_s"] > 0
+    assert len(built) == 1 + 4  # the first pass's own, then one prepared at the end of each of the 4 passes
 
 
 def test_tiny_training_run_with_dali_learns(jpeg_dataset, tmp_path):
