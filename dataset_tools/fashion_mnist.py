@@ -1,4 +1,5 @@
-"""The built-in demo dataset: Debian's Fashion-MNIST idx files turned into an ImageFolder of JPEGs (once, cached)."""
+"""The built-in demo dataset: Debian's Fashion-MNIST idx files turned into an ImageFolder of JPEGs (once, cached), and
+for the ffcv loader into .beton files."""
 
 from __future__ import annotations
 
@@ -54,3 +55,14 @@ def prepare_fashion_mnist(out_dir: Path, source: Path = DEBIAN_DIR, quality: int
     os.replace(tmp, out_dir)
     stamp.touch()
     return out_dir
+
+
+def fashion_mnist_betons(root: Path) -> tuple[Path, Path]:
+    """The prepared folders under `root` as root/ffcv/{train,val}.beton, for the ffcv loader; converted once (val.beton
+    is written last, so its presence means both are whole)."""
+    out = Path(root) / "ffcv"
+    if not (out / "val.beton").is_file():
+        from dataset_tools.convert import ConvertOptions, convert
+
+        convert(root, out, ConvertOptions(force=True))  # force: a train.beton left by an interrupted conversion
+    return out / "train.beton", out / "val.beton"

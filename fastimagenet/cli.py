@@ -59,16 +59,19 @@ def cmd_plot(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from dataset_tools.fashion_mnist import prepare_fashion_mnist
+    from dataset_tools.fashion_mnist import CLASSES, fashion_mnist_betons, prepare_fashion_mnist
     from fastimagenet.config import load_config
     from fastimagenet.train import fit
 
     root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
-    overrides = [f"data.train={root / 'train'}", f"data.val={root / 'val'}"]
+    # the ffcv loader reads .beton files: the folders, converted once
+    train, val = fashion_mnist_betons(root) if args.loader == "ffcv" else (root / "train", root / "val")
+    overrides = [f"data.train={train}", f"data.val={val}", f"data.num_classes={len(CLASSES)}"]
     if args.out_dir:
         overrides.append(f"runtime.out_dir={args.out_dir}")
     record = fit(load_config("demo_fashion_mnist", overrides + _overrides(args)), overwrite=args.overwrite)
-    print(f"demo: Fashion-MNIST val top-1 {record['val_top1']:.2%}")
+    data = "synthetic images (random: chance level)" if args.loader == "synthetic" else "Fashion-MNIST"
+    print(f"demo: {data} val top-1 {record['val_top1']:.2%}")
 
 
 def cmd_bench_loader(args) -> None:
