@@ -55,6 +55,50 @@ def test_bad_sources_have_clear_errors(tiny_source, tmp_path):
         prepare_fashion_mnist(tmp_path / "b", source=tiny_source)
 
 
+@pytest.fixture
+def tiny_demo_data(tiny_source, tmp_path, monkeypatch):
+    """`make-data fashion-mnist` and `demo` read tiny_source, and the demo keeps its data under tmp_path."""
+    from dataset_tools import fashion_mnist
+    from fastimagenet import cli
+
+    prepare = fashion_mnist.prepare_fashion_mnist
+    monkeypatch.setattr(fashion_mnist, "prepare_fashion_mnist", lambda out: prepare(out, source=tiny_source))
+    monkeypatch.setattr(cli, "DATA_HOME", tmp_path / "home")
+
+
+def test_make_data_fashion_mnist_writes_the_folders_it_prints(tiny_demo_data, tmp_path, capsys):
+    from fastimagenet.cli import main
+
+    assert main(["make-data", "fashion-mnist", str(tmp_path / "fm")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "fm")
+    for split, count in (("train", 20), ("val", 10)):
+        assert sorted(p.name for p in (tmp_path / "fm" / split).iterdir()) == sorted(CLASSES)
+        assert len(list((tmp_path / "fm" / split).glob("*/*.jpg"))) == count
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "synthetic", "dali",
+                                    pytest.param("ffcv", marks=pytest.mark.slow)])  # convert + FFCV's JIT: ~25 s
+def test_demo_trains_with_every_loader(loader, tiny_demo_data, tmp_path, capsys):
+    """One epoch at 16 px: each backend reads the demo's data in its own form (ffcv: .beton files converted once),
+    and the model has Fashion-MNIST's 10 classes."""
+    import torch
+
+    from fastimagenet.cli import main
+    from fastimagenet.config import from_saved
+    from fastimagenet.metrics import read_metrics
+
+    run = tmp_path / "run"
+    assert main(["demo", "--loader", loader, "--out-dir", str(run), "epochs=1", "schedule.stages=0,16,10",
+                 "data.val_resolution=16", "loader.workers=1", "loader.synthetic_samples=20"]) == 0
+    data = "synthetic images" if loader == "synthetic" else "Fashion-MNIST"
+    assert f"demo: {data}" in capsys.readouterr().out
+    cfg = from_saved(run / "config.yaml")
+    assert cfg.loader.name == loader and cfg.data.train.endswith("train.beton" if loader == "ffcv" else "train")
+    [record] = read_metrics(run)
+    assert record["resolution"] == 16 and (loader == "synthetic" or record["val_images"] == 10)
+    assert torch.load(run / "last.pt", weights_only=False)["model"]["fc.weight"].shape[0] == 10
+
+
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 @pytest.mark.slow
 def test_demo_command_learns_fashion_mnist_quickly(tmp_path, monkeypatch, capsys):
