@@ -12,10 +12,12 @@ import sys
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import loaders
 from dataset_tools.scan import scan_image_folder
 from fastimagenet import cli
+from fastimagenet import train as train_module
 from fastimagenet.checkpoint import CheckpointKeeper, check_resume_changes
 from fastimagenet.cli import main
 from fastimagenet.config import differing_keys, from_saved, load_config
@@ -130,6 +132,34 @@ def test_resume_refuses_overrides_that_change_the_runs_past(finished_run, capsys
     assert "already finished its 2 epochs" in capsys.readouterr().err
 
 
+def test_a_crashed_run_resumes_with_the_overrides_it_may_take(jpeg_dataset, tmp_path, monkeypatch, capsys):
+    """A run that died in epoch 1 goes on with another val folder and one best epoch kept: both show in what the
+    resumed epochs write, and config.yaml records them."""
+    out = tmp_path / "run"
+    fit_epoch = train_module.train_one_epoch
+
+    def dies_in_epoch_1(run, row, *args):
+        if row.epoch == 1:
+            raise KeyboardInterrupt  # no stop handling: what a crash leaves is epoch 0's checkpoint
+        return fit_epoch(run, row, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "train_one_epoch", dies_in_epoch_1)
+        assert main(_train_args(jpeg_dataset, out, "epochs=3", "runtime.keep_best=2", "schedule.stages=0,16,32",
+                                "data.val_resolution=16")) == 130
+    fewer = tmp_path / "val"  # 2 images of each class instead of 8
+    for path in sorted((jpeg_dataset / "val").glob("*/img_000[01].jpg")):
+        (fewer / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, fewer / path.parent.name)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), f"data.val={fewer}", "runtime.keep_best=1"]) == 0
+    assert "(resuming at epoch 1)" in capsys.readouterr().out
+    assert [(r["epoch"], r["val_images"]) for r in read_metrics(out)] == [(0, 32), (1, 8), (2, 8)]
+    assert len(list(out.glob("best-epoch*.pt"))) == 1
+    saved = from_saved(out / "config.yaml")
+    assert (saved.data.val, saved.runtime.keep_best, saved.epochs) == (str(fewer), 1, 3)
+
+
 def test_the_difference_helper_lists_every_key_that_differs():
     saved, other = load_config(), load_config(overrides=["epochs=3", "loader.name=synthetic", "runtime.device=cpu"])
     assert [key for key, _, _ in differing_keys(saved, other)] == ["epochs", "loader.name", "runtime.device"]
@@ -149,6 +179,21 @@ def test_make_data_refuses_a_non_empty_target_unless_forced(tmp_path, capsys):
     assert sorted(p.name for p in (out / "train").iterdir()) == ["class_00", "class_01", "class_02"]
     assert main(["make-data", "jpegs", str(out), "--classes", "2", *small, "--force"]) == 0
     assert sorted(p.name for p in (out / "train").iterdir()) == ["class_00", "class_01"]  # replaced, not mixed
+
+
+def test_make_data_writes_the_classes_images_and_sizes_it_prints(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["make-data", "jpegs", str(out), "--classes", "3", "--per-class", "10", "--size", "40"]) == 0
+    assert capsys.readouterr().out.strip() == f"{out}/{{train,val}}: 3 classes of ~40 px JPEGs"
+    for split, per_class in (("train", 10), ("val", 2)):  # val gets a fifth
+        assert sorted(p.name for p in (out / split).iterdir()) == ["class_00", "class_01", "class_02"]
+        for folder in (out / split).iterdir():
+            assert len(list(folder.iterdir())) == per_class
+            for path in folder.iterdir():
+                with Image.open(path) as image:
+                    assert image.format == "JPEG" and image.mode == "RGB"
+                    assert all(30 <= side <= 50 for side in image.size)  # ~40 px: within 25%
+    assert (out / "train/class_00/img_0000.jpg").read_bytes() != (out / "val/class_00/img_0000.jpg").read_bytes()
 
 
 # ---------------------------------------------------------------- 6: the EMA's own best; no stale interrupted.pt
@@ -179,6 +224,15 @@ def test_export_ema_best_takes_the_epoch_best_for_the_ema(finished_run, tmp_path
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["export", str(run), str(tmp_path / "ema.pt"), "--ema"]) == 0
     assert json.loads((tmp_path / "ema.pt.json").read_text())["source"]["epoch"] == 0
+
+
+def test_export_last_takes_the_last_epoch(finished_run, tmp_path):
+    assert main(["export", str(finished_run), str(tmp_path / "last.pt"), "--checkpoint", "last"]) == 0
+    source = json.loads((tmp_path / "last.pt.json").read_text())["source"]
+    assert (source["checkpoint"], source["epoch"]) == ("last.pt", 1)
+    last = torch.load(finished_run / "last.pt", weights_only=False)["model"]
+    exported = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert exported.keys() == last.keys() and all(torch.equal(exported[key], last[key]) for key in last)
 
 
 # ---------------------------------------------------------------- 7: every slip gets a message, never a traceback
