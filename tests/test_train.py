@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 import loaders
 from fastimagenet import bench
-from fastimagenet.cli import main
+from fastimagenet.cli import build_parser, main
 from tests.conftest import PacedClock, train
 
 
@@ -66,11 +67,25 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", [["train"], ["demo"], ["bench", "loader"], ["make-data"]])
-def test_every_command_has_help(command):
-    result = subprocess.run([sys.executable, "-m", "fastimagenet", *command, "--help"], capture_output=True,
-                            text=True)
-    assert result.returncode == 0 and "usage:" in result.stdout
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """Every command and sub-command of the CLI (bench, bench loader, ...), read from its parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield (*prefix, name)
+                yield from _commands(child, (*prefix, name))
+
+
+@pytest.mark.parametrize("command", [" ".join(c) for c in _commands(build_parser())])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command.split(), "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: fastimagenet {command}")
+
+
+def test_the_module_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "fastimagenet", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage: fastimagenet train")
 
 
 def test_bench_loader_prints_one_json_line_with_the_baseline(jpeg_dataset, capsys, monkeypatch):

@@ -225,10 +225,3 @@ def test_lr_find_bad_options_are_clear_errors(args, message, tmp_path, monkeypat
     assert main(["lr-find", f"data.train={tmp_path}", "runtime.device=cpu", *args]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("command", ["recipes", "lr-find"])
-def test_new_commands_have_help(command, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main([command, "--help"])
-    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
