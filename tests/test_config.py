@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fastimagenet.config import Config, from_saved, load_config, save_config
@@ -36,13 +38,33 @@ def test_typo_in_recipe_names_the_file(tmp_path):
         load_config(str(recipe))
 
 
+# Every number validate() requires to be positive, or at least 0
+POSITIVE = ("epochs", "optim.batch_size", "optim.accum_steps", "schedule.min_resolution", "schedule.max_resolution",
+            "schedule.resolution_step", "model.width", "runtime.log_interval", "runtime.keep_best",
+            "runtime.ddp_bucket_mb")
+NON_NEGATIVE = ("data.num_classes", "data.val_resolution", "data.val_batch_size", "loader.workers", "optim.lr",
+                "optim.weight_decay", "optim.grad_clip", "runtime.peak_tflops")
+
+
 @pytest.mark.parametrize("override, message", [
-    ("epochs=0", "'epochs' must be > 0"),
+    *[(f"{key}=0", re.escape(f"'{key}' must be > 0, got 0")) for key in POSITIVE],
+    *[(f"{key}=-1", re.escape(f"'{key}' must be >= 0, got -1")) for key in NON_NEGATIVE],
+    ("optim.batch_size=-4", "'optim.batch_size' must be > 0, got -4"),
     ("epochs=two", "'epochs' expects an integer"),
-    ("schedule.min_resolution=0", "'schedule.min_resolution' must be > 0"),
-    ("optim.batch_size=-4", "'optim.batch_size' must be > 0"),
     ("runtime.precision=bf61", "must be one of .*did you mean 'bf16'"),
     ("data.scale=0.5,0.1", "'data.scale' must satisfy"),
+    ("data.scale=0.5,1.5", "'data.scale' must satisfy"),
+    ("data.ratio=2,1", "'data.ratio' must satisfy"),
+    ("data.crop_ratio=1.5", re.escape("'data.crop_ratio' must be in (0, 1]")),
+    ("runtime.preempt_grace_s=0", "'runtime.preempt_grace_s' must be > 0"),
+    ("optim.label_smoothing=1", re.escape("'optim.label_smoothing' must be in [0, 1)")),
+    ("schedule.min_resolution=512", "'schedule.min_resolution' must be <= 'schedule.max_resolution'"),
+    ("schedule.ramp_start=0.9", "'schedule.ramp_start' <= 'schedule.ramp_end'"),
+    ("schedule.ramp_end=1.5", "'schedule.ramp_end' <= 1"),
+    *[(f"schedule.{key}=1.5", re.escape(f"'schedule.{key}' must be in [0, 1], got 1.5"))
+      for key in ("warmup", "peak", "end_lr_ratio")],
+    ("loader.dali.threads=-1", "loader.dali.threads >= 0"),
+    ("loader.dali.hw_decoder_load=2", "0 <= loader.dali.hw_decoder_load <= 1"),
     ("schedule.stages=0,0,8", "resolution and batch must be > 0"),
     ("schedule.stages=1,64,8", "must start at epoch 0"),
     ("schedule.stages=0,64", "is not 'epoch,resolution,batch'"),
