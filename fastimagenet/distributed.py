@@ -47,11 +47,32 @@ def env_from_torchrun() -> DistEnv:
 def init_process_group(env: DistEnv, device: torch.device) -> None:
     if env.world_size == 1 or dist.is_initialized():
         return
+    timeout = timedelta(minutes=30)
+    store = _attempt_store(timeout)
+    group = {"store": store, "rank": env.rank, "world_size": env.world_size} if store else {}
     if device.type == "cuda":
         # device_id binds the NCCL communicator to this rank's GPU at once (no lazy init on the first collective).
-        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))
+        dist.init_process_group("nccl", device_id=device, timeout=timeout, **group)
     else:
-        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+        dist.init_process_group("gloo", timeout=timeout, **group)
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """The store this torchrun attempt forms its process group in, or None to let init_process_group read env://.
+
+    torchrun's agent serves one store (at MASTER_ADDR:MASTER_PORT; TORCHELASTIC_USE_AGENT_STORE=True) to every attempt
+    of a job, and a process group writes its members' addresses there under the same keys each time. After a
+    `--max-restarts` restart, a worker may read the address a dead worker of the failed attempt left before its new
+    peer replaces it, and the group does not form (gloo: "connectFullMesh ... Connection refused", or both sides
+    wait; NCCL exchanges its unique id the same way). So each attempt takes keys of its own, named by
+    TORCHELASTIC_RESTART_COUNT. Every worker of one torchrun sees the same count: exact on one machine. Across
+    machines each torchrun counts its own restarts; there torchrun needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a new
+    store for every rendezvous, which the env:// path takes)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=timeout)
+    return dist.PrefixStore(f"fastimagenet/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
 
 
 def shutdown() -> None:

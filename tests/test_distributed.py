@@ -5,6 +5,7 @@ same global batch."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -167,6 +168,101 @@ def test_torchrun_cli_trains_with_two_processes(jpeg_dataset, tmp_path):
     assert [m["epoch"] for m in metrics] == [0, 1]
     assert all(m["val_images"] == 32 for m in metrics)
     assert (out / "run.png").is_file() and (out / "last.pt").is_file()
+
+
+# A process of a torchrun attempt: forms the process group from torchrun's environment and all-reduces once.
+_ATTEMPT_PROCESS = """
+import torch
+from fastimagenet.distributed import env_from_torchrun, init_process_group, shutdown
+init_process_group(env_from_torchrun(), torch.device("cpu"))
+torch.distributed.all_reduce(torch.ones(1))
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_each_torchrun_attempt_forms_its_process_group_under_keys_of_its_own():
+    """torchrun's agent serves one store for all the restarts of a job, where a process group leaves its members'
+    addresses: a restart reading those of the failed attempt (dead processes) cannot form its group. Two attempts,
+    each against a store of its own standing in for the agent's (so neither meets the other's leftovers), write
+    disjoint sets of keys."""
+    stores = [torch.distributed.TCPStore("127.0.0.1", 0, is_master=True) for _ in range(2)]
+    processes = [subprocess.Popen([sys.executable, "-c", _ATTEMPT_PROCESS], env={
+        **os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RESTART_COUNT": str(attempt), "OMP_NUM_THREADS": "1"})
+        for attempt, store in enumerate(stores) for rank in range(2)]
+    assert [process.wait(timeout=120) for process in processes] == [0] * 4
+    first, second = (set(store.list_keys()) for store in stores)
+    assert first and second and not first & second
+
+
+# Runs under torchrun as `fastimagenet train ...`, except that rank 1 kills itself at step 1 of epoch 1 (after epoch
+# 0's checkpoint) on the first attempt, and on the restart starts 2 s after rank 0, as a slow machine would: rank 0
+# then reaches the process group first, where the failed attempt left rank 1's old address.
+_DIES_ONCE_DRIVER = """
+import os, signal, sys, time
+import loaders
+from fastimagenet.cli import main
+
+class DiesAt:
+    def __init__(self, inner):
+        self.inner, self.epoch = inner, None
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+    def __len__(self):
+        return len(self.inner)
+    def set_epoch(self, epoch, first_step=0):
+        self.epoch = epoch
+        self.inner.set_epoch(epoch, first_step)
+    def __iter__(self):
+        for step, batch in enumerate(self.inner):
+            if (self.epoch, step) == (1, 1):
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+if os.environ["RANK"] == "1":
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        build = loaders.build_loader
+        loaders.build_loader = lambda name, spec: DiesAt(build(name, spec)) if spec.train else build(name, spec)
+    else:
+        time.sleep(2)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_crashed_rank_and_resume_auto_ends_as_an_uncrashed_run(tmp_path):
+    """`torchrun --max-restarts=1 ... train --resume auto ...`: rank 1 dies (SIGKILL) in epoch 1, torchrun starts both
+    ranks again with the same command line, they continue from epoch 0's checkpoint and end with the metrics and
+    weights of a run that never crashed."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DIES_ONCE_DRIVER)
+
+    def torchrun(out, *program):
+        command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", *program,
+                   "train", "--resume", "auto", "--loader", "synthetic", f"runtime.out_dir={tmp_path / out}", *TINY]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:  # a process group that cannot form waits: end torchrun and its workers
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+        assert process.returncode == 0, stderr[-3000:]
+        return stdout
+
+    restarted = torchrun("restarted", "--max-restarts=1", str(driver))
+    assert "(resuming at epoch 1)" in restarted and restarted.count("done: val top-1") == 1
+    torchrun("uncrashed", "-m", "fastimagenet")
+    a, b = read_metrics(tmp_path / "uncrashed"), read_metrics(tmp_path / "restarted")
+    assert [r["epoch"] for r in b] == [0, 1]
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
+    wa, wb = (torch.load(tmp_path / run / "last.pt", weights_only=False)["model"] for run in ("uncrashed", "restarted"))
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-5, atol=1e-6), key
 
 
 def test_static_graph_with_accumulation_is_a_clear_error():
