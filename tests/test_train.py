@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import loaders
 from fastimagenet import bench
+from fastimagenet import train as train_module
 from fastimagenet.cli import build_parser, main
 from tests.conftest import PacedClock, train
 
@@ -43,16 +47,32 @@ def test_compile_makes_one_graph_per_distinct_shape(jpeg_dataset, tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
 
 
-def test_bf16_autocast_on_cpu_trains(jpeg_dataset, tmp_path):
-    metrics = train("synthetic", jpeg_dataset, tmp_path / "run", "epochs=1", "schedule.stages=0,16,8",
-                    "runtime.precision=bf16", "loader.synthetic_samples=32", "data.num_classes=4")
-    assert metrics[0]["train_loss"] == pytest.approx(metrics[0]["train_loss"])  # finite, not NaN
+def test_bf16_autocast_on_cpu_trains(jpeg_dataset, tmp_path, monkeypatch):
+    """Every training step's logits come out of the model in bfloat16, and the losses are finite."""
+    dtypes = []
+    cross_entropy = F.cross_entropy
+    monkeypatch.setattr(train_module, "F", SimpleNamespace(
+        cross_entropy=lambda logits, *args, **kwargs: dtypes.append(logits.dtype) or cross_entropy(logits, *args,
+                                                                                                   **kwargs)))
+    [record] = train("synthetic", jpeg_dataset, tmp_path / "run", "epochs=1", "schedule.stages=0,16,8",
+                     "runtime.precision=bf16", "loader.synthetic_samples=32", "data.num_classes=4")
+    assert dtypes == [torch.bfloat16] * (32 // 8)
+    assert math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])
 
 
-def test_grad_accumulation_and_clipping_and_adamw(jpeg_dataset, tmp_path):
+def test_grad_accumulation_clipping_and_adamw_reach_a_real_run(jpeg_dataset, tmp_path, monkeypatch):
+    """96 images in micro-batches of 8, two to an optimizer step: 6 steps an epoch, each one clipped, and AdamW's
+    state counts 12 steps after 2 epochs (what each setting does is tested in test_numerics.py)."""
+    clips = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda parameters, max_norm, *args, **kwargs: (
+        clips.append(max_norm) or clip(parameters, max_norm, *args, **kwargs)))
     metrics = train("torchvision", jpeg_dataset, tmp_path / "run", "epochs=2", "schedule.stages=0,24,16",
                     "optim.accum_steps=2", "optim.grad_clip=1.0", "optim.name=adamw", "optim.lr=0.004")
-    assert len(metrics) == 2 and metrics[-1]["train_loss"] < metrics[0]["train_loss"] + 1
+    assert clips == [1.0] * 12
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["optimizer"]["state"]
+    assert {float(s["step"]) for s in state.values()} == {12.0} and all("exp_avg_sq" in s for s in state.values())
+    assert all(math.isfinite(r["train_loss"]) for r in metrics)
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
