@@ -6,7 +6,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import time
 import weakref
 from pathlib import Path
@@ -48,7 +47,7 @@ def test_labels_order_and_crops_match_the_torchvision_backend(jpeg_dataset, trai
     path = jpeg_dataset / ("train" if train_split else "val")
     spec = dict(train=train_split, batch_size=8, seed=5)
     dali = loaders.build_loader("dali", dali_spec(path, **spec))
-    reference = loaders.build_loader("torchvision", make_spec(path, workers=0, **spec))
+    reference = loaders.build_loader("torchvision", make_spec(path, workers=1, **spec))
     for epoch in (0, 1, 3):
         dali.set_epoch(epoch)
         reference.set_epoch(epoch)
@@ -262,7 +261,8 @@ def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str) -> No
     checked = []
     real = verify.inspect_image
     verify.inspect_image = lambda path, formats: checked.append(path) or real(path, formats)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False)  # the test's own, see below
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
     try:
         good, bad, _ = verify.verified_samples(scan_image_folder(root), DALI_FORMATS, local_rank=rank)
     finally:
@@ -271,10 +271,10 @@ def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str) -> No
 
 
 def test_one_process_per_node_verifies_the_others_read_its_cache(folder_with_bad_files, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_verify_as_rank, args=(port, str(folder_with_bad_files), str(tmp_path / "cache"), str(tmp_path)),
+    # The ranks meet at a store on a port the OS gives it as it binds (0): none is picked first and bound later,
+    # when another process may have taken it
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(_verify_as_rank, args=(store.port, str(folder_with_bad_files), str(tmp_path / "cache"), str(tmp_path)),
              nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [rank["checked"] for rank in ranks] == [99, 0]  # local rank 1 waited for local rank 0's cache

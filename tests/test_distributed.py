@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +31,10 @@ TINY = [*TINY_RUN, "optim.label_smoothing=0", "optim.lr=0.4", "schedule.lr=cosin
 SAMPLE_IDENTITY = {"torchvision": True, "dali": True, "ffcv": True, "synthetic": False}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _store() -> torch.distributed.TCPStore:
+    """Where the spawned ranks meet, as torchrun's workers meet at its agent's store: bound to a port the OS gives it
+    as it binds (0), so no port is picked first and bound later, when another process may have taken it."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 class _RecordingLoader:
@@ -91,8 +90,9 @@ def _instrumented_fit(overrides: list[str]) -> dict:
 
 
 def _rank_main(rank: int, world_size: int, port: int, overrides: list[str], result_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # torchrun's variables, with its agent's store (the test's) at MASTER_ADDR:MASTER_PORT: every rank a client of it
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)  # 2 processes on 2 cores
     torch.save(_instrumented_fit(overrides), Path(result_dir) / f"rank{rank}.pt")
 
@@ -110,7 +110,8 @@ def test_two_processes_shard_agree_and_match_one_process(name, one_per_class, tm
     data = data_path(name, one_per_class, tmp_path)  # 16 samples, one per class: a label names its sample
     torch.manual_seed(0)
     single = _instrumented_fit(_overrides(name, data, tmp_path / "run1"))
-    mp.spawn(_rank_main, args=(2, _free_port(), _overrides(name, data, tmp_path / "run2"), str(tmp_path)),
+    store = _store()
+    mp.spawn(_rank_main, args=(2, store.port, _overrides(name, data, tmp_path / "run2"), str(tmp_path)),
              nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -142,7 +143,8 @@ def test_replicas_end_with_the_same_bn_statistics_and_the_same_ema(one_per_class
     """Each rank updates BatchNorm statistics (and the EMA of them) from its own shard; both are averaged over the
     ranks before evaluation, so every rank evaluates, and rank 0 saves, the same models."""
     overrides = _overrides("synthetic", one_per_class, tmp_path / "run") + ["optim.ema_decay=0.5"]
-    mp.spawn(_rank_main, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2)
+    store = _store()
+    mp.spawn(_rank_main, args=(2, store.port, overrides, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     running = [key for key in ranks[0]["buffers"] if key.endswith("running_mean")]
     assert running
