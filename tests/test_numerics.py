@@ -73,6 +73,21 @@ def test_gradient_clipping_bounds_the_update():
     assert (before - _params(clipped)).norm() == pytest.approx(0.01, rel=1e-3)  # lr 1: update = clipped gradient
 
 
+def test_a_step_with_inf_gradients_is_skipped_and_the_scale_backs_off():
+    """precision=fp16's GradScaler (fp16 needs CUDA: a CPU scaler stands in for it): a step whose gradients hold an
+    inf leaves the weights as they were, even through clipping, and halves the scale; the next step updates them."""
+    run = _run("optim.grad_clip=1.0")
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    images, labels = _batch()
+    before = _params(run)
+    poison = run.model.fc.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    train_step(run, images, labels, 1, True)
+    poison.remove()
+    assert torch.equal(_params(run), before) and run.scaler.get_scale() == 512.0
+    train_step(run, images, labels, 1, True)
+    assert torch.isfinite(_params(run)).all() and not torch.equal(_params(run), before)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
 def test_label_smoothing_is_the_loss_the_step_reports(smoothing):
     images, labels = _batch()
