@@ -102,17 +102,11 @@ def test_help_shows_the_defaults(capsys):
     assert "(default: 50)" in text and "(default: 3)" in text and "key=value" in text
 
 
-# What each optional backend imports (torchvision and synthetic need nothing beyond the project's requirements).
-OPTIONAL_PACKAGES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
-
-
 # ---------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", loaders.NAMES)
 def test_bench_train_on_cuda(name, jpeg_dataset, tmp_path, capsys):
     """What a user runs first on a GPU: every installed loader against synthetic data, compiled, under bf16."""
-    if name in OPTIONAL_PACKAGES:
-        pytest.importorskip(OPTIONAL_PACKAGES[name])
     train = data_path(name, jpeg_dataset / "train", tmp_path)
     assert main(["bench", "train", "--loader", name, "--steps", "5", "--rounds", "2", f"data.train={train}",
                  *TINY_RUN, *TWO_STAGES, "runtime.device=cuda", "runtime.compile=true", "data.num_classes=4"]) == 0
