@@ -26,7 +26,7 @@ from fastimagenet.atomic import WriteFailed, atomic_output
 from fastimagenet.cli import main
 from fastimagenet.errors import UserError
 from loaders.image_decode import decode_crop
-from tests.conftest import TINY_RUN, make_spec
+from tests.conftest import make_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
