@@ -64,9 +64,11 @@ def cmd_demo(args) -> None:
     from fastimagenet.train import fit
 
     root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
-    # the ffcv loader reads .beton files: the folders, converted once
+    # ffcv reads .beton files (the folders, converted once); synthetic reads nothing and is told the demo's classes
     train, val = fashion_mnist_betons(root) if args.loader == "ffcv" else (root / "train", root / "val")
-    overrides = [f"data.train={train}", f"data.val={val}", f"data.num_classes={len(CLASSES)}"]
+    overrides = [f"data.train={train}", f"data.val={val}"]
+    if args.loader == "synthetic":
+        overrides.append(f"data.num_classes={len(CLASSES)}")
     if args.out_dir:
         overrides.append(f"runtime.out_dir={args.out_dir}")
     record = fit(load_config("demo_fashion_mnist", overrides + _overrides(args)), overwrite=args.overwrite)
