@@ -91,12 +91,13 @@ def decoder_options(device: str, hw_decoder_load: float) -> dict:
     return options
 
 
-def train_images(encoded, anchors, shapes, flips, resolution: int, flip: bool, decoder: dict):
+def train_images(encoded, anchors, shapes, resolution: int, decoder: dict, flips=None):
     """Our training graph, from encoded bytes to HWC uint8 RGB: each sample's crop window (anchor and shape in whole
-    pixels, x first) decoded on its own, resized to the resolution, and flipped where its flag says."""
+    pixels, x first) decoded on its own, resized to the resolution, and flipped where its flag says (no flags: no
+    flips, with data.flip=false)."""
     images = fn.decoders.image_slice(encoded, anchors, shapes, **decoder)  # integer inputs: absolute pixels
     images = fn.resize(images, resize_x=resolution, resize_y=resolution)
-    return fn.flip(images, horizontal=flips) if flip else images
+    return images if flips is None else fn.flip(images, horizontal=flips)
 
 
 def eval_images(encoded, resolution: int, crop_ratio: float, decoder: dict):
@@ -109,7 +110,7 @@ def eval_images(encoded, resolution: int, crop_ratio: float, decoder: dict):
 
 class _CropWindows:
     """The external source of a training pass (whole batches only): for its batch k, each sample's crop window
-    (anchors and shapes, x first, int32) and flip flag, drawn as the torchvision backend draws them
+    (anchors and shapes, x first, int32) and, with data.flip, flip flag, drawn as the torchvision backend draws them
     (loaders/augment.py). After the pass's last batch it raises StopIteration, so the pipeline schedules no work
     past the pass."""
 
@@ -118,7 +119,10 @@ class _CropWindows:
         self.indices, self.sizes, self.batch_size = indices, sizes, batch_size
         self.seed, self.epoch, self.augment = seed, epoch, augment
 
-    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def outputs(self) -> int:
+        return 3 if self.augment.flip else 2  # DALI warns about (and computes) an output nothing reads
+
+    def __call__(self, k: int) -> tuple[np.ndarray, ...]:
         batch = self.indices[k * self.batch_size : (k + 1) * self.batch_size]
         if not batch:
             raise StopIteration
@@ -128,7 +132,7 @@ class _CropWindows:
             box_of, flips[row] = train_crop(self.seed, self.epoch, index, self.augment)
             windows[row] = pixel_window(box_of(*size))
         anchors = windows[:, :2]
-        return np.ascontiguousarray(anchors), windows[:, 2:] - anchors, flips
+        return (np.ascontiguousarray(anchors), windows[:, 2:] - anchors, flips)[: self.outputs()]
 
 
 def _threads(spec: LoaderSpec) -> int:
@@ -301,9 +305,9 @@ class DaliLoader:
                                          pad_last_batch=True)
             if spec.train:
                 windows = _CropWindows(indices, self._sizes, run.batch_size, spec.seed, run.epoch, spec.augment)
-                anchors, shapes, flips = fn.external_source(windows, num_outputs=3, batch=True,
-                                                            dtype=types.INT32, ndim=[1, 1, 0])
-                images = train_images(encoded, anchors, shapes, flips, run.resolution, spec.augment.flip, decoder)
+                crops = fn.external_source(windows, num_outputs=windows.outputs(), batch=True, dtype=types.INT32,
+                                           ndim=[1, 1, 0][: windows.outputs()])
+                images = train_images(encoded, *crops[:2], run.resolution, decoder, *crops[2:])
             else:
                 images = eval_images(encoded, run.resolution, spec.augment.crop_ratio, decoder)
             pipe.set_outputs(images)
