@@ -204,29 +204,14 @@ def test_each_torchrun_attempt_forms_its_process_group_under_keys_of_its_own():
 # then reaches the process group first, where the failed attempt left rank 1's old address.
 _DIES_ONCE_DRIVER = """
 import os, signal, sys, time
+sys.path.insert(0, {root!r})  # for tests.step_signals
 import loaders
 from fastimagenet.cli import main
-
-class DiesAt:
-    def __init__(self, inner):
-        self.inner, self.epoch = inner, None
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-    def __len__(self):
-        return len(self.inner)
-    def set_epoch(self, epoch, first_step=0):
-        self.epoch = epoch
-        self.inner.set_epoch(epoch, first_step)
-    def __iter__(self):
-        for step, batch in enumerate(self.inner):
-            if (self.epoch, step) == (1, 1):
-                os.kill(os.getpid(), signal.SIGKILL)
-            yield batch
+from tests.step_signals import signalling_build
 
 if os.environ["RANK"] == "1":
     if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-        build = loaders.build_loader
-        loaders.build_loader = lambda name, spec: DiesAt(build(name, spec)) if spec.train else build(name, spec)
+        loaders.build_loader = signalling_build(loaders.build_loader, 1, 1, signal.SIGKILL, before_yield=True)
     else:
         time.sleep(2)
 sys.exit(main(sys.argv[1:]))
@@ -239,7 +224,7 @@ def test_torchrun_restarts_a_crashed_rank_and_resume_auto_ends_as_an_uncrashed_r
     ranks again with the same command line, they continue from epoch 0's checkpoint and end with the metrics and
     weights of a run that never crashed."""
     driver = tmp_path / "driver.py"
-    driver.write_text(_DIES_ONCE_DRIVER)
+    driver.write_text(_DIES_ONCE_DRIVER.format(root=str(Path(__file__).resolve().parents[1])))
 
     def torchrun(out, *program):
         command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", *program,

@@ -3,7 +3,6 @@ the same step, ending with the weights of a run never stopped; `--resume auto` r
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,33 +14,10 @@ import loaders
 from fastimagenet.cli import main
 from fastimagenet.metrics import read_metrics
 from tests.conftest import TINY_RUN, data_path
+from tests.step_signals import signalling_build
 
 RUN = [*TINY_RUN, "optim.lr=0.4", "schedule.lr=onecycle", "data.val_resolution=32", "optim.ema_decay=0.9",
        "schedule.stages=0,24,8;1,32,8", "epochs=3"]
-
-
-class _SignalAt:
-    """A loader that sends this process a real signal once the loop has trained on batch `step` of epoch `epoch`
-    (while it fetches the next batch): the run stops after that next step."""
-
-    def __init__(self, inner, epoch: int, step: int, signum: int):
-        self.inner, self.at, self.signum, self.epoch = inner, (epoch, step), signum, None
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __len__(self):
-        return len(self.inner)
-
-    def set_epoch(self, epoch, first_step=0):
-        self.epoch = epoch
-        self.inner.set_epoch(epoch, first_step)
-
-    def __iter__(self):
-        for step, batch in enumerate(self.inner):
-            yield batch
-            if (self.epoch, step) == self.at:
-                os.kill(os.getpid(), self.signum)
 
 
 def _args(loader, data, out, *extra, train=None, val=None):
@@ -57,8 +33,7 @@ def test_a_stop_inside_an_epoch_resumes_at_that_step_and_ends_as_an_unstopped_ru
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     assert main(_args(loader, jpeg_dataset, full, *extra)) == 0
     build = loaders.build_loader
-    monkeypatch.setattr(loaders, "build_loader", lambda name, spec: _SignalAt(build(name, spec), 1, 4, signal.SIGTERM)
-                        if spec.train else build(name, spec))
+    monkeypatch.setattr(loaders, "build_loader", signalling_build(build, 1, 4, signal.SIGTERM))
     assert main(_args(loader, jpeg_dataset, stopped, *extra)) == 128 + signal.SIGTERM
     err = capsys.readouterr()
     assert "SIGTERM: stopping after the current step" in err.err and "stopped in epoch 1 at step 6" in err.out
@@ -87,8 +62,7 @@ def test_a_stop_inside_an_epoch_resumes_with_the_rest_of_its_samples_on_ffcv(jpe
     same crops, so the run ends close to, not equal to, an unstopped one."""
     train, val = (data_path("ffcv", jpeg_dataset / split, tmp_path) for split in ("train", "val"))
     build = loaders.build_loader
-    monkeypatch.setattr(loaders, "build_loader", lambda name, spec: _SignalAt(build(name, spec), 1, 4, signal.SIGINT)
-                        if spec.train else build(name, spec))
+    monkeypatch.setattr(loaders, "build_loader", signalling_build(build, 1, 4, signal.SIGINT))
     out = tmp_path / "run"
     assert main(_args("ffcv", None, out, train=train, val=val)) == 128 + signal.SIGINT
     assert torch.load(out / "last.pt", weights_only=False)["position"] == {"epoch": 1, "step": 6,
@@ -131,8 +105,7 @@ def test_resume_auto_starts_continues_and_knows_when_it_is_done(jpeg_dataset, tm
     out = tmp_path / "run"
     command = [*_args("torchvision", jpeg_dataset, out), "--resume", "auto"]
     build = loaders.build_loader
-    monkeypatch.setattr(loaders, "build_loader", lambda name, spec: _SignalAt(build(name, spec), 0, 3, signal.SIGTERM)
-                        if spec.train else build(name, spec))
+    monkeypatch.setattr(loaders, "build_loader", signalling_build(build, 0, 3, signal.SIGTERM))
     assert main(command) == 128 + signal.SIGTERM  # a fresh start, stopped in epoch 0
     monkeypatch.setattr(loaders, "build_loader", build)
     assert main(command) == 0  # the same command line continues it
