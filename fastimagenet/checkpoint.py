@@ -103,7 +103,7 @@ RESUME_MAY_CHANGE = (
     "model.sync_bn",
     "runtime.device", "runtime.precision", "runtime.compile", "runtime.compile_backend", "runtime.channels_last",
     "runtime.log_interval", "runtime.peak_tflops", "runtime.ddp_bucket_mb", "runtime.ddp_static_graph",
-    "runtime.keep_best",
+    "runtime.keep_best", "runtime.eval_every",
 )
 
 

@@ -123,6 +123,7 @@ class RuntimeConfig:
     seed: int = 0
     log_interval: int = 50  # steps between console/metric reads (each read syncs the device)
     keep_best: int = 1  # checkpoints of the best epochs (by val top-1) kept as best-epochNNN.pt
+    eval_every: int = 1  # validate after every Nth epoch (epoch + 1 divisible by N) and after the last one
     peak_tflops: float = 0.0  # one device's peak for MFU; 0: the data-sheet figure of a known GPU at bf16/fp16
     ddp_bucket_mb: int = 25  # DDP gradient bucket size: smaller buckets start all-reduces earlier in backward
     ddp_static_graph: bool = False  # DDP static_graph: the same parameters get gradients every step
@@ -348,6 +349,7 @@ def validate(cfg: Config) -> None:
         "model.width": cfg.model.width,
         "runtime.log_interval": cfg.runtime.log_interval,
         "runtime.keep_best": cfg.runtime.keep_best,
+        "runtime.eval_every": cfg.runtime.eval_every,
         "runtime.ddp_bucket_mb": cfg.runtime.ddp_bucket_mb,
     }
     for key, value in positive.items():

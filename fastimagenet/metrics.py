@@ -25,7 +25,8 @@ class EpochResult:
 def epoch_record(row: EpochPlan, train: EpochResult, val: dict, *, lr_end: float, skipped_files: int,
                  flops_per_image: float, peak_tflops: float | None, devices: int,
                  gpu_mem_gib: float | None) -> dict:
-    """One line of metrics.jsonl: the epoch's plan, its training and validation figures, and its speed."""
+    """One line of metrics.jsonl: the epoch's plan, its training and validation figures (none, `val` empty, for an
+    epoch that runtime.eval_every leaves unvalidated), and its speed."""
     record = {
         "epoch": row.epoch,
         "resolution": row.resolution,
@@ -66,10 +67,11 @@ class RunLogger:
             if key != "epoch" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, record["epoch"])
         self.tensorboard.flush()
+        val = (f"val_loss {record['val_loss']:.4f} top1 {record['val_top1']:.2%} top5 {record['val_top5']:.2%}"
+               if "val_loss" in record else "val: not evaluated (runtime.eval_every)")
         print(
             f"epoch {record['epoch']}: res {record['resolution']} bs {record['batch_size']} "
-            f"train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
-            f"top1 {record['val_top1']:.2%} top5 {record['val_top5']:.2%} "
+            f"train_loss {record['train_loss']:.4f} {val} "
             f"{record['images_per_s']:.0f} img/s {record['epoch_time_s']:.1f} s"
             + (f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
             + (f" GPU mem {record['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in record else "")

@@ -35,6 +35,10 @@ def write_run_plot(run_dir: Path) -> Path:
     # A record is written when its epoch ends: plotted at x = epoch + 1 on an axis of epochs trained so far
     # (metrics.jsonl and the console number epochs from 0).
     ends = [r["epoch"] + 1 for r in records]
+    # Epochs that runtime.eval_every left unvalidated have no val_* figures: the val curves skip them
+    validated = [r for r in records if "val_top1" in r]
+    val_ends = [r["epoch"] + 1 for r in validated]
+    last_val = validated[-1] if validated else {}
 
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -43,19 +47,20 @@ def write_run_plot(run_dir: Path) -> Path:
 
     ax = axes[0, 0]
     ax.plot(ends, [r["train_loss"] for r in records], "o-", label="train")
-    ax.plot(ends, [r["val_loss"] for r in records], "s-", label="val")
-    if "ema_val_loss" in records[-1]:
-        ax.plot(ends, [r.get("ema_val_loss") for r in records], "^--", label="val (EMA)")
+    ax.plot(val_ends, [r["val_loss"] for r in validated], "s-", label="val")
+    if "ema_val_loss" in last_val:
+        ax.plot(val_ends, [r.get("ema_val_loss") for r in validated], "^--", label="val (EMA)")
     _style(ax, "loss", "cross-entropy")
 
     ax = axes[0, 1]
-    ax.plot(ends, [100 * r["val_top1"] for r in records], "o-", label="top-1")
-    ax.plot(ends, [100 * r["val_top5"] for r in records], "s-", label="top-5")
-    if "ema_val_top1" in records[-1]:
-        ax.plot(ends, [100 * r.get("ema_val_top1", 0) for r in records], "^--", label="top-1 (EMA)")
-    best = max(records, key=lambda r: r["val_top1"])
-    ax.annotate(f"best {best['val_top1']:.1%}", (best["epoch"] + 1, 100 * best["val_top1"]),
-                textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9)
+    ax.plot(val_ends, [100 * r["val_top1"] for r in validated], "o-", label="top-1")
+    ax.plot(val_ends, [100 * r["val_top5"] for r in validated], "s-", label="top-5")
+    if "ema_val_top1" in last_val:
+        ax.plot(val_ends, [100 * r.get("ema_val_top1", 0) for r in validated], "^--", label="top-1 (EMA)")
+    if validated:
+        best = max(validated, key=lambda r: r["val_top1"])
+        ax.annotate(f"best {best['val_top1']:.1%}", (best["epoch"] + 1, 100 * best["val_top1"]),
+                    textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9)
     ax.set_ylim(0, 103)
     _style(ax, "validation accuracy", "%")
     ax.legend(loc="lower right")
@@ -98,7 +103,7 @@ def write_run_plot(run_dir: Path) -> Path:
 
     ax = axes[1, 2]
     ax.axis("off")
-    ax.text(0.0, 1.0, _summary(records, cfg, plan), va="top", ha="left", family="monospace", fontsize=10,
+    ax.text(0.0, 1.0, _summary(records, validated, cfg, plan), va="top", ha="left", family="monospace", fontsize=10,
             transform=ax.transAxes)
 
     out = run_dir / "run.png"
@@ -124,15 +129,12 @@ def _title(run_dir: Path, cfg, records: list[dict]) -> str:
     return f"{run_dir.name}: {cfg.model.arch}, loader {cfg.loader.name}, {status}"
 
 
-def _summary(records: list[dict], cfg, plan) -> str:
+def _summary(records: list[dict], validated: list[dict], cfg, plan) -> str:
     last = records[-1]
-    best = max(records, key=lambda r: r["val_top1"])
     hours = sum(r["epoch_time_s"] for r in records) / 3600
     lines = [
         f"epochs run       {last['epoch'] + 1} / {cfg.epochs}",
-        f"last val top-1   {last['val_top1']:.2%}",
-        f"last val top-5   {last['val_top5']:.2%}",
-        f"best val top-1   {best['val_top1']:.2%} (epoch {best['epoch']}, at {best['epoch'] + 1} on the x axes)",
+        *_val_summary(validated, last),
         f"train time       {hours * 60:.1f} min",
         f"mean images/s    {sum(r['images_per_s'] for r in records) / len(records):,.0f}",
         f"last TFLOP/s     {last['tflops']:.3g}" if "tflops" in last else None,
@@ -146,6 +148,19 @@ def _summary(records: list[dict], cfg, plan) -> str:
         f"seed             {cfg.runtime.seed}",
     ]
     return "\n".join(line for line in lines if line is not None)
+
+
+def _val_summary(validated: list[dict], last: dict) -> list[str]:
+    """The last validated epoch's figures (its epoch named when it is not the last epoch run) and the best."""
+    if not validated:
+        return ["val top-1        not evaluated yet (runtime.eval_every)"]
+    last_val, best = validated[-1], max(validated, key=lambda r: r["val_top1"])
+    when = "" if last_val is last else f" (epoch {last_val['epoch']})"
+    return [
+        f"last val top-1   {last_val['val_top1']:.2%}{when}",
+        f"last val top-5   {last_val['val_top5']:.2%}{when}",
+        f"best val top-1   {best['val_top1']:.2%} (epoch {best['epoch']}, at {best['epoch'] + 1} on the x axes)",
+    ]
 
 
 def _span(values: list[int]) -> str:

@@ -134,16 +134,26 @@ def train_one_epoch(run: Training, row: EpochPlan, stop: StopSignals, position: 
     return EpochResult(loss=loss_total / max(1, steps_total), images_per_s=images_per_s, seconds=end - start)
 
 
+def average_statistics(run: Training) -> None:
+    """Average the BatchNorm statistics of the model and of the EMA (which follows each rank's own) over the ranks,
+    so every rank evaluates, and rank 0 saves, the same model. At every epoch's end, validated or not: neither the
+    training nor last.pt depends on runtime.eval_every. (sync: once per epoch)"""
+    average_buffers(run.model)
+    if run.ema is not None:
+        average_buffers(run.ema.module)
+
+
+def validates(epoch: int, epochs: int, eval_every: int) -> bool:
+    """runtime.eval_every: every Nth epoch and the last one. By epoch index, so a resumed run validates the same
+    epochs as an uninterrupted one."""
+    return (epoch + 1) % eval_every == 0 or epoch + 1 == epochs
+
+
 def validate_epoch(run: Training) -> dict:
     """The epoch's validation figures: the model's, and the EMA model's under `ema_` names."""
     per_rank_batch = run.plan.val_batch_size // run.env.world_size
-    # sync: once per epoch, so every rank evaluates (and rank 0 saves) the same BatchNorm statistics
-    average_buffers(run.model)
     val = evaluate(run.forward, run.train_module, run.val_loader, run.rt, per_rank_batch, run.cfg.runtime.tta_flip)
     if run.ema is not None:
-        # The EMA follows each rank's own BN statistics: average them too, so every rank evaluates and rank 0 saves
-        # one EMA model (sync: once per epoch)
-        average_buffers(run.ema.module)
         ema_val = evaluate(run.ema_forward, run.ema.module, run.val_loader, run.rt, per_rank_batch,
                            run.cfg.runtime.tta_flip)
         val.update({f"ema_{key}": value for key, value in ema_val.items() if key != "val_images"})
@@ -240,14 +250,17 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
             if rt.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(rt.device)
             result = train_one_epoch(run, row, stop, at, lambda here: checkpoint_inside(epoch, here, False))
-            val = validate_epoch(run)
+            average_statistics(run)
+            # An epoch left unvalidated logs no val_* figures and is not ranked for best.pt; last.pt is still saved
+            val = validate_epoch(run) if validates(epoch, plan.epochs, cfg.runtime.eval_every) else {}
             skipped = all_reduce_sum(torch.tensor(float(len(run.train_loader.skipped) + len(run.val_loader.skipped)),
                                                   device=rt.device))
             record = epoch_record(
                 row, result, val, lr_end=plan.lr_end(epoch), skipped_files=int(skipped.item()),  # sync: per epoch
                 flops_per_image=run.flops.per_image(row.resolution), peak_tflops=peak, devices=env.world_size,
                 gpu_mem_gib=torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None)
-            keeper.rank(epoch, val["val_top1"], val.get("ema_val_top1"))
+            if val:
+                keeper.rank(epoch, val["val_top1"], val.get("ema_val_top1"))
             if env.is_main:
                 logger.log_epoch(record)
                 keeper.save(run.state(epoch, keeper.best_top1(), best_ranking=keeper.ranking,

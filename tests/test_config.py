@@ -41,7 +41,7 @@ def test_typo_in_recipe_names_the_file(tmp_path):
 # Every number validate() requires to be positive, or at least 0
 POSITIVE = ("epochs", "optim.batch_size", "optim.accum_steps", "schedule.min_resolution", "schedule.max_resolution",
             "schedule.resolution_step", "model.width", "runtime.log_interval", "runtime.keep_best",
-            "runtime.ddp_bucket_mb")
+            "runtime.ddp_bucket_mb", "runtime.eval_every")
 NON_NEGATIVE = ("data.num_classes", "data.val_resolution", "data.val_batch_size", "loader.workers", "optim.lr",
                 "optim.weight_decay", "optim.grad_clip", "runtime.peak_tflops")
 

@@ -45,3 +45,11 @@ def test_plot_reports_what_is_missing(tmp_path, capsys):
     _run_dir(tmp_path, [])
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl: no finished epoch to plot yet" in capsys.readouterr().err
+
+
+def test_plot_of_epochs_without_val_figures(tmp_path):
+    """runtime.eval_every: a run plotted before its first validated epoch has no val_* figures at all."""
+    unvalidated = {k: v for k, v in _record(0).items() if not k.startswith("val_")}
+    run = _run_dir(tmp_path, [unvalidated], ["runtime.eval_every=2"])
+    assert main(["plot", str(run)]) == 0
+    assert (run / "run.png").stat().st_size > 10_000

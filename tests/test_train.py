@@ -75,6 +75,30 @@ def test_grad_accumulation_clipping_and_adamw_reach_a_real_run(jpeg_dataset, tmp
     assert all(math.isfinite(r["train_loss"]) for r in metrics)
 
 
+def test_eval_every_validates_every_nth_and_the_last_epoch(jpeg_dataset, tmp_path, capsys):
+    """runtime.eval_every=2 over 3 epochs validates epochs 1 and 2 (the last); epoch 0's record has no val figures
+    (of the model or the EMA), is not ranked for best.pt, and still writes last.pt."""
+    out = tmp_path / "run"
+    metrics = train("torchvision", jpeg_dataset, out, "epochs=3", "schedule.stages=0,24,16", "runtime.eval_every=2",
+                    "optim.ema_decay=0.9")
+    assert [sorted(k for k in r if "val_" in k) for r in metrics] == [
+        [], *[["ema_val_loss", "ema_val_top1", "ema_val_top5", "val_images", "val_loss", "val_top1", "val_top5"]] * 2]
+    printed = capsys.readouterr().out
+    lines = {line.partition(":")[0]: line for line in printed.splitlines()}
+    assert "val: not evaluated (runtime.eval_every)" in lines["epoch 0"] and "val_loss" in lines["epoch 1"]
+    assert f"done: val top-1 {metrics[-1]['val_top1']:.2%}" in printed
+    best_epoch = max(metrics[1:], key=lambda r: r["val_top1"])["epoch"]  # ties keep the earlier epoch, as max does
+    assert torch.load(out / "best.pt", weights_only=False)["epoch"] == best_epoch
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 2
+    assert (out / "run.png").stat().st_size > 10_000
+
+
+def test_validated_epochs_depend_on_the_epoch_index_alone():
+    """A resumed run validates the epochs an uninterrupted one does."""
+    assert [e for e in range(7) if train_module.validates(e, 7, 3)] == [2, 5, 6]
+    assert [e for e in range(4) if train_module.validates(e, 4, 1)] == [0, 1, 2, 3]
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fastimagenet", "train", "optim.lrr=1"],
                             capture_output=True, text=True)
