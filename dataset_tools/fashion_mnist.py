@@ -58,11 +58,13 @@ def prepare_fashion_mnist(out_dir: Path, source: Path = DEBIAN_DIR, quality: int
 
 
 def fashion_mnist_betons(root: Path) -> tuple[Path, Path]:
-    """The prepared folders under `root` as root/ffcv/{train,val}.beton, for the ffcv loader; converted once (val.beton
-    is written last, so its presence means both are whole)."""
-    out = Path(root) / "ffcv"
+    """The prepared folders under `root` as root/ffcv-raw/{train,val}.beton, for the ffcv loader; converted once
+    (val.beton is written last, so its presence means both are whole). Raw pixels: at 28 px an image is 2.3 KiB, and
+    a second JPEG encoding would lose detail for nothing."""
+    out = Path(root) / "ffcv-raw"
     if not (out / "val.beton").is_file():
         from dataset_tools.convert import ConvertOptions, convert
 
-        convert(root, out, ConvertOptions(force=True))  # force: a train.beton left by an interrupted conversion
+        # force: a train.beton left by an interrupted conversion
+        convert(root, out, ConvertOptions(write_mode="raw", force=True))
     return out / "train.beton", out / "val.beton"

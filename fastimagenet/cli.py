@@ -63,16 +63,17 @@ def cmd_demo(args) -> None:
     from fastimagenet.config import load_config
     from fastimagenet.train import fit
 
+    loader = load_config("demo_fashion_mnist", _overrides(args)).loader.name  # the recipe's, or --loader's
     root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
     # ffcv reads .beton files (the folders, converted once); synthetic reads nothing and is told the demo's classes
-    train, val = fashion_mnist_betons(root) if args.loader == "ffcv" else (root / "train", root / "val")
+    train, val = fashion_mnist_betons(root) if loader == "ffcv" else (root / "train", root / "val")
     overrides = [f"data.train={train}", f"data.val={val}"]
-    if args.loader == "synthetic":
+    if loader == "synthetic":
         overrides.append(f"data.num_classes={len(CLASSES)}")
     if args.out_dir:
         overrides.append(f"runtime.out_dir={args.out_dir}")
     record = fit(load_config("demo_fashion_mnist", overrides + _overrides(args)), overwrite=args.overwrite)
-    data = "synthetic images (random: chance level)" if args.loader == "synthetic" else "Fashion-MNIST"
+    data = "synthetic images (random: chance level)" if loader == "synthetic" else "Fashion-MNIST"
     print(f"demo: {data} val top-1 {record['val_top1']:.2%}")
 
 
