@@ -65,6 +65,8 @@ def fashion_mnist_betons(root: Path) -> tuple[Path, Path]:
     if not (out / "val.beton").is_file():
         from dataset_tools.convert import ConvertOptions, convert
 
+        print(f"converting {root} to .beton files for the ffcv loader (once): {out}")
         # force: a train.beton left by an interrupted conversion
-        convert(root, out, ConvertOptions(write_mode="raw", force=True))
+        for report in convert(root, out, ConvertOptions(write_mode="raw", force=True)):
+            print(report.summary())
     return out / "train.beton", out / "val.beton"
