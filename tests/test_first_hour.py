@@ -333,4 +333,4 @@ def test_run_png_summary_numbers_the_best_epoch_both_ways(finished_run):
     cfg = from_saved(finished_run / "config.yaml")
     records = read_metrics(finished_run)
     best = max(records, key=lambda r: r["val_top1"])["epoch"]
-    assert f"(epoch {best}, at {best + 1} on the x axes)" in _summary(records, cfg, build_plan(cfg))
+    assert f"(epoch {best}, at {best + 1} on the x axes)" in _summary(records, records, cfg, build_plan(cfg))

@@ -49,10 +49,13 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_trains_one_step_on_cpu(name, tiny_folder, tmp_path):
-    """The recipe's own model and optimizer; only the data, length, resolution and batch shrink to one step."""
+    """The recipe's own model and optimizer; only the data, length, resolution and batch shrink to one step. The
+    data is a JPEG folder, so the torchvision loader reads it whatever the recipe's loader (the demo's ffcv has its
+    own tests: test_fashion_mnist.py)."""
     # 64 px rather than 32: an ImageNet ResNet then still has a 2x2 map at its last stage, as at full size.
     out = tmp_path / "run"
-    overrides = [f"data.train={tiny_folder / 'train'}", f"data.val={tiny_folder / 'val'}", "epochs=1",
+    overrides = [f"data.train={tiny_folder / 'train'}", f"data.val={tiny_folder / 'val'}", "loader.name=torchvision",
+                 "epochs=1",
                  "schedule.stages=0,64,4", "data.val_resolution=64", "data.val_batch_size=4", "loader.workers=1",
                  "runtime.device=cpu", "runtime.compile=false", f"runtime.out_dir={out}"]
     assert main(["train", "--config", name, *overrides]) == 0
