@@ -97,6 +97,10 @@ def test_demo_trains_with_every_loader(loader, tiny_demo_data, tmp_path, capsys)
     [record] = read_metrics(run)
     assert record["resolution"] == 16 and (loader == "synthetic" or record["val_images"] == 10)
     assert torch.load(run / "last.pt", weights_only=False)["model"]["fc.weight"].shape[0] == 10
+    if loader == "ffcv":  # raw pixels: a 28 px image is not worth a second JPEG encoding
+        from dataset_tools.inspect_beton import inspect_beton
+
+        assert inspect_beton(cfg.data.train, verify=False)["write_modes"] == {"raw": 20}
 
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
