@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
+from typing import Callable, Sequence
+
+import numpy as np
 
 from fastimagenet.config import DataConfig
 
@@ -63,6 +65,18 @@ def pixel_window(box: Box, scale_x: float = 1.0, scale_y: float = 1.0) -> tuple[
     its size, at least one wide and high: what a backend crops before resizing."""
     left, top = int(box[0] * scale_x), int(box[1] * scale_y)
     return left, top, max(left + 1, math.ceil(box[2] * scale_x)), max(top + 1, math.ceil(box[3] * scale_y))
+
+
+def crop_windows(indices: Sequence[int], sizes: np.ndarray, seed: int, epoch: int,
+                 aug: DataConfig) -> np.ndarray:
+    """A batch's training crops for a decoder that takes them in whole pixels: one int32 row per sample, (left, top,
+    right, bottom, flip), drawn with train_crop from each sample's (width, height) in `sizes` (rows by index)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    rows = np.empty((len(indices), 5), dtype=np.int32)
+    for row, (index, size) in enumerate(zip(indices.tolist(), sizes[indices].tolist())):  # Python ints: seedable
+        box_of, flip = train_crop(seed, epoch, index, aug)
+        rows[row] = (*pixel_window(box_of(*size)), flip)
+    return rows
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:

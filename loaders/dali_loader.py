@@ -51,7 +51,7 @@ from dataset_tools.image_rules import KEPT_FORMATS
 from dataset_tools.verify import kept_samples
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
-from loaders.augment import pixel_window, train_crop
+from loaders.augment import crop_windows
 from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
 
 # What this backend reads, as PIL names the formats: the formats every backend keeps (DALI's decoders read these and
@@ -126,13 +126,9 @@ class _CropWindows:
         batch = self.indices[k * self.batch_size : (k + 1) * self.batch_size]
         if not batch:
             raise StopIteration
-        windows = np.empty((self.batch_size, 4), dtype=np.int32)
-        flips = np.empty(self.batch_size, dtype=np.int32)
-        for row, (index, size) in enumerate(zip(batch, self.sizes[batch].tolist())):
-            box_of, flips[row] = train_crop(self.seed, self.epoch, index, self.augment)
-            windows[row] = pixel_window(box_of(*size))
-        anchors = windows[:, :2]
-        return (np.ascontiguousarray(anchors), windows[:, 2:] - anchors, flips)[: self.outputs()]
+        windows = crop_windows(batch, self.sizes, self.seed, self.epoch, self.augment)
+        anchors = np.ascontiguousarray(windows[:, :2])
+        return (anchors, windows[:, 2:4] - anchors, np.ascontiguousarray(windows[:, 4]))[: self.outputs()]
 
 
 def _threads(spec: LoaderSpec) -> int:

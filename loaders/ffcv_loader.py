@@ -1,7 +1,10 @@
 """FFCV backend: reads a .beton written by `fastimagenet convert`; JIT-compiled decode threads, no worker processes.
 
-- Train: FFCV's random-resized-crop decoder (our scale/ratio) straight to the epoch's resolution, then a flip; eval:
-  its centre-crop decoder with our crop ratio. uint8 all the way; channels-last NCHW on the device.
+- Train: each sample's crop window and flip drawn from (seed, epoch, index) as every backend draws them
+  (loaders/augment.py), handed to our decoder (loaders/ffcv_window_decoder.py), which crops, resizes straight to the
+  epoch's resolution and flips as FFCV's own random-resized-crop decoder and flip would: reproducible crops, and a
+  resumed epoch gets the uninterrupted pass's samples *and* crops. Eval: FFCV's centre-crop decoder with our crop
+  ratio. uint8 all the way; channels-last NCHW on the device.
 - The FFCV Loader (and its JIT compile, seconds) is built once. `reconfigure` assigns the decoder's `output_size`
   and the Loader's `batch_size`, which FFCV reads when it allocates the next epoch's buffers: no rebuild per stage.
 - Order: our own per-epoch order (epoch_order + shard, as every backend) through FFCV's traversal-order interface,
@@ -19,7 +22,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from queue import Full
+from typing import Callable, Iterator
 
 import numba
 import numpy as np
@@ -35,7 +39,9 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 
 from dataset_tools.convert import read_sidecar
 from fastimagenet.errors import UserError
+from loaders.augment import crop_windows
 from loaders.base import LoaderSpec, check_batch_fits, epoch_order, rank_share
+from loaders.ffcv_window_decoder import WindowCropDecoder
 
 
 def beton_path(spec: LoaderSpec) -> Path:
@@ -52,14 +58,12 @@ def beton_path(spec: LoaderSpec) -> Path:
 
 def _decoder(spec: LoaderSpec):
     size = (spec.resolution, spec.resolution)
-    if spec.train:
-        return RandomResizedCropRGBImageDecoder(size, scale=tuple(spec.augment.scale), ratio=tuple(spec.augment.ratio))
-    return CenterCropRGBImageDecoder(size, ratio=spec.augment.crop_ratio)
+    return WindowCropDecoder(size) if spec.train else CenterCropRGBImageDecoder(size, ratio=spec.augment.crop_ratio)
 
 
-def _pipelines(spec: LoaderSpec, decoder) -> dict:
-    """decode (+ flip) -> tensor (-> device) -> NCHW channels-last view; labels as int64 vectors."""
-    image = [decoder] + ([RandomHorizontalFlip()] if spec.train and spec.augment.flip else []) + [ToTensor()]
+def _pipelines(spec: LoaderSpec, decoder, flip: bool = False) -> dict:
+    """decode (+ FFCV's flip) -> tensor (-> device) -> NCHW channels-last view; labels as int64 vectors."""
+    image = [decoder] + ([RandomHorizontalFlip()] if flip else []) + [ToTensor()]
     label = [IntDecoder(), ToTensor(), Squeeze(1)]
     if spec.device.type != "cpu":
         image.append(ToDevice(spec.device, non_blocking=True))
@@ -67,7 +71,7 @@ def _pipelines(spec: LoaderSpec, decoder) -> dict:
     return {"image": image + [ToTorchImage(channels_last=True, convert_back_int16=False)], "label": label}
 
 
-def _ffcv_loader(spec: LoaderSpec, path: Path, decoder, order: OrderOption, os_cache: bool) -> _FfcvLoader:
+def _ffcv_loader(spec: LoaderSpec, path: Path, pipelines: dict, order: OrderOption, os_cache: bool) -> _FfcvLoader:
     workers = spec.workers()
     if workers > numba.config.NUMBA_NUM_THREADS:  # FFCV hands its thread count to numba.set_num_threads
         raise UserError(f"loader.workers={workers}: FFCV decodes in numba's pool of NUMBA_NUM_THREADS="
@@ -76,7 +80,7 @@ def _ffcv_loader(spec: LoaderSpec, path: Path, decoder, order: OrderOption, os_c
     try:
         return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=workers,
                            os_cache=os_cache, order=order, seed=spec.seed,
-                           drop_last=spec.train, pipelines=_pipelines(spec, decoder))
+                           drop_last=spec.train, pipelines=pipelines)
     except (AssertionError, ValueError, OSError, IndexError) as exc:
         raise UserError(f"{path}: not a readable .beton file ({type(exc).__name__}: {exc}); re-run "
                         "`fastimagenet convert --force`") from None
@@ -117,7 +121,8 @@ def _gpu_index(device: torch.device) -> int | None:
 
 
 class _DeviceEpochIterator(EpochIterator):
-    """FFCV's epoch thread (it decodes and copies each batch to the GPU), made to use the loader's GPU first.
+    """FFCV's epoch thread (it decodes and copies each batch to the GPU), made to use the loader's GPU first, and
+    to hand a training batch's crop windows to the decoder just before decoding it.
 
     FFCV 1.0.2 runs each batch's copy under `torch.cuda.stream(s)` in this thread without setting a device, and a
     new thread's current device is GPU 0: entering the context switches to the stream's GPU, and leaving it switches
@@ -125,14 +130,41 @@ class _DeviceEpochIterator(EpochIterator):
     With the loader's GPU current from the start, the thread never leaves it.
     """
 
-    def __init__(self, loader: _FfcvLoader, order: np.ndarray, device: torch.device):
+    def __init__(self, loader: _FfcvLoader, order: np.ndarray, device: torch.device,
+                 windows: Callable[[np.ndarray], np.ndarray] | None, window_node: int | None):
         self.gpu = _gpu_index(device)  # read here, in the caller's thread, where FFCV also makes its streams
+        self.windows, self.window_node = windows, window_node
+        self.error: BaseException | None = None
         super().__init__(loader, order)  # starts the thread
 
     def run(self) -> None:
-        if self.gpu is not None:
-            torch.cuda.set_device(self.gpu)
-        super().run()
+        # FFCV's thread dies silently on an error and leaves the consumer waiting for ever: end the epoch instead,
+        # and re-raise the error in the consumer's thread (__next__)
+        try:
+            if self.gpu is not None:
+                torch.cuda.set_device(self.gpu)
+            super().run()
+        except BaseException as exc:
+            self.error = exc
+            while not self.terminate_event.is_set():  # as FFCV hands over: until the consumer takes it or leaves
+                try:
+                    self.output_queue.put(None, timeout=0.5)
+                    break
+                except Full:
+                    pass
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self.error is not None:
+                raise self.error
+            raise
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if self.windows is not None:
+            WindowCropDecoder.fill(self.memory_allocations, self.window_node, batch_slot, self.windows(batch_indices))
+        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
 
 
 class FfcvLoader:
@@ -145,7 +177,8 @@ class FfcvLoader:
         self.spec, self.classes = spec, list(meta["classes"])
         self.skipped: dict[str, str] = {}  # files that did not decode were left out (and reported) by convert
         self._decoder = _decoder(spec)
-        self._loader = _ffcv_loader(spec, path, self._decoder, OrderOption.SEQUENTIAL, spec.options.ffcv.os_cache)
+        self._loader = _ffcv_loader(spec, path, _pipelines(spec, self._decoder), OrderOption.SEQUENTIAL,
+                                    spec.options.ffcv.os_cache)
         if self._loader.reader.num_samples != meta["images"]:
             raise UserError(f"{path}: holds {self._loader.reader.num_samples} images but its sidecar says "
                             f"{meta['images']}; re-run `fastimagenet convert --force`")
@@ -154,6 +187,9 @@ class FfcvLoader:
         self._loader.first_traversal_order = self._loader.traversal_order.sample_order(0)
         self._first_step = 0
         self._check_fits(self._loader.batch_size)
+        if spec.train:  # (width, height) by sample index, and the decoder's node in FFCV's graph (for its windows)
+            self._sizes = np.stack([self._decoder.metadata["width"], self._decoder.metadata["height"]], axis=1)
+            self._window_node = self._loader.graph.operation_to_node[self._decoder][0].id
 
     def _check_fits(self, per_rank_batch: int) -> None:
         if self.spec.train:
@@ -176,16 +212,29 @@ class FfcvLoader:
         # FFCV's Loader.__iter__ (its code is generated once, when it is built), with our epoch thread
         loader = self._loader
         Compiler.set_num_threads(loader.num_workers)
-        # a resumed epoch skips the batches it already had (FFCV's own crops are not seeded per sample)
+        # a resumed epoch skips the batches it already had; the others get the crops they have in a whole pass
         order = loader.next_traversal_order()[self._first_step * loader.batch_size : len(loader) * loader.batch_size]
+        epoch, spec = loader.next_epoch, self.spec
         loader.next_epoch += 1
-        return _DeviceEpochIterator(loader, order, self.spec.device)
+        if not spec.train:
+            return _DeviceEpochIterator(loader, order, spec.device, None, None)
+        sizes = self._sizes
+        return _DeviceEpochIterator(loader, order, spec.device,
+                                    lambda batch: crop_windows(batch, sizes, spec.seed, epoch, spec.augment),
+                                    self._window_node)
 
 
 def raw_pipeline(spec: LoaderSpec) -> _FfcvLoader:
-    """FFCV used by hand with the same decode pipeline and FFCV's own random order: the baseline FfcvLoader must
-    keep up with."""
+    """FFCV used by hand, as its own examples do: its random-resized-crop decoder (our scale and ratio) and flip for
+    training, and its own random order. The baseline FfcvLoader must keep up with."""
     path = beton_path(spec)
     order = OrderOption.QUASI_RANDOM if spec.options.ffcv.order == "quasi_random" else OrderOption.RANDOM
-    return _ffcv_loader(spec, path, _decoder(spec), order if spec.train else OrderOption.SEQUENTIAL,
+    if spec.train:
+        size = (spec.resolution, spec.resolution)
+        decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(spec.augment.scale),
+                                                   ratio=tuple(spec.augment.ratio))
+        pipelines = _pipelines(spec, decoder, flip=spec.augment.flip)
+    else:
+        pipelines = _pipelines(spec, _decoder(spec))
+    return _ffcv_loader(spec, path, pipelines, order if spec.train else OrderOption.SEQUENTIAL,
                         spec.options.ffcv.os_cache)

@@ -25,6 +25,7 @@ from fastimagenet.bench import bench_loader
 from fastimagenet.cli import main
 from fastimagenet.config import DataConfig, FfcvOptions, LoaderConfig, load_config
 from fastimagenet.errors import UserError
+from loaders.augment import crop_windows
 from loaders.ffcv_loader import _gpu_index
 from tests.conftest import TINY_RUN, PacedClock, make_spec, train
 
@@ -91,6 +92,37 @@ def test_val_pixels_match_the_source_images(one_per_class, one_per_class_beton):
         square = cv2.resize(source[top : top + side, left : left + side], (36, 36), interpolation=cv2.INTER_AREA)
         difference = np.abs(image.permute(1, 2, 0).numpy().astype(int) - square)
         assert difference.max() <= 1, path  # rounding in another build of OpenCV, at most
+
+
+def test_train_crops_are_the_windows_every_backend_draws(one_per_class, one_per_class_beton):
+    """Each training sample is its (seed, epoch, index) window of the stored pixels, resized as FFCV resizes and
+    flipped by its flag: the crops the other backends give it, and the same again for a resumed epoch."""
+    augment = DataConfig(scale=[0.25, 1.0], ratio=[0.75, 1.33], flip=True)
+    spec = dataclasses.replace(ffcv_spec(one_per_class_beton, resolution=36, batch_size=16, seed=5), augment=augment)
+    loader = loaders.build_loader("ffcv", spec)
+    loader.set_epoch(2)
+    images, labels = next(iter(loader))
+    sources = [load_rgb(str(path), 512) for path in sorted(one_per_class.glob("*/*"))]
+    sizes = np.array([(source.shape[1], source.shape[0]) for source in sources])
+    flips = 0
+    for image, index in zip(images, labels.tolist()):  # one image per class: the label is the index
+        [(left, top, right, bottom, flip)] = crop_windows([index], sizes, 5, 2, augment)
+        expected = cv2.resize(sources[index][top:bottom, left:right], (36, 36), interpolation=cv2.INTER_AREA)
+        expected = expected[:, ::-1] if flip else expected
+        flips += flip
+        assert np.abs(image.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 1, index
+    assert 0 < flips < 16
+
+
+def test_an_error_in_the_epoch_thread_reaches_the_training_loop(betons, monkeypatch):
+    """FFCV's own epoch thread would die and leave the loop waiting for a batch for ever."""
+    def fail(*args):
+        raise RuntimeError("no windows today")
+
+    monkeypatch.setattr(loaders.ffcv_loader, "crop_windows", fail)
+    loader = loaders.build_loader("ffcv", ffcv_spec(betons / "train.beton", resolution=24, batch_size=8))
+    with pytest.raises(RuntimeError, match="no windows today"):
+        next(iter(loader))
 
 
 def test_a_folder_or_a_file_without_sidecar_is_a_clear_error(jpeg_dataset, betons, tmp_path):

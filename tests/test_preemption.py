@@ -27,15 +27,16 @@ def _args(loader, data, out, *extra, train=None, val=None):
             *extra]
 
 
-@pytest.mark.parametrize("loader", ["torchvision", "dali", "synthetic"])
+@pytest.mark.parametrize("loader", ["torchvision", "dali", "synthetic", pytest.param("ffcv", marks=pytest.mark.slow)])
 def test_a_stop_inside_an_epoch_resumes_at_that_step_and_ends_as_an_unstopped_run(loader, jpeg_dataset, tmp_path,
                                                                                   monkeypatch, capsys):
     extra = ["loader.synthetic_samples=96", "data.num_classes=4"] if loader == "synthetic" else []
+    train, val = (data_path(loader, jpeg_dataset / split, tmp_path) for split in ("train", "val"))
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    assert main(_args(loader, jpeg_dataset, full, *extra)) == 0
+    assert main(_args(loader, None, full, *extra, train=train, val=val)) == 0
     build = loaders.build_loader
     monkeypatch.setattr(loaders, "build_loader", signalling_build(build, 1, 4, signal.SIGTERM))
-    assert main(_args(loader, jpeg_dataset, stopped, *extra)) == 128 + signal.SIGTERM
+    assert main(_args(loader, None, stopped, *extra, train=train, val=val)) == 128 + signal.SIGTERM
     err = capsys.readouterr()
     assert "SIGTERM: stopping after the current step" in err.err and "stopped in epoch 1 at step 6" in err.out
     state = torch.load(stopped / "last.pt", weights_only=False)
@@ -55,23 +56,6 @@ def test_a_stop_inside_an_epoch_resumes_at_that_step_and_ends_as_an_unstopped_ru
         for key in wa:
             assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-5, atol=1e-6), key
     assert not (stopped / "interrupted.pt").exists()  # retired once an epoch finished after the resume
-
-
-def test_a_stop_inside_an_epoch_resumes_with_the_rest_of_its_samples_on_ffcv(jpeg_dataset, tmp_path, monkeypatch,
-                                                                             capsys):
-    """FFCV draws its crops itself (not per sample from the seed): the resumed epoch has the same samples, not the
-    same crops, so the run ends close to, not equal to, an unstopped one."""
-    train, val = (data_path("ffcv", jpeg_dataset / split, tmp_path) for split in ("train", "val"))
-    build = loaders.build_loader
-    monkeypatch.setattr(loaders, "build_loader", signalling_build(build, 1, 4, signal.SIGINT))
-    out = tmp_path / "run"
-    assert main(_args("ffcv", None, out, train=train, val=val)) == 128 + signal.SIGINT
-    assert torch.load(out / "last.pt", weights_only=False)["position"] == {"epoch": 1, "step": 6,
-                                                                           "loss_sum": pytest.approx(0, abs=1e9)}
-    monkeypatch.setattr(loaders, "build_loader", build)
-    assert main(["train", "--resume", str(out)]) == 0
-    assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2]
-    capsys.readouterr()
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from tests.conftest import data_path
 @pytest.mark.parametrize("name", ["torchvision", "dali", "ffcv"])
 @pytest.mark.parametrize("split", ["--train", "--val"])
 def test_the_grid_is_the_loaders_first_batch(name, split, jpeg_dataset, tmp_path, capsys, monkeypatch):
-    drawn = []  # what the loader delivered, as show-batch received it (FFCV's train crops are not seeded)
+    drawn = []  # what the loader delivered, as show-batch received it
 
     def recording_first_batch(*args):
         drawn.append(first_batch(*args))
