@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,16 +28,51 @@ def _args(loader, data, out, *extra, train=None, val=None):
             *extra]
 
 
-@pytest.mark.parametrize("loader", ["torchvision", "dali", "synthetic", pytest.param("ffcv", marks=pytest.mark.slow)])
-def test_a_stop_inside_an_epoch_resumes_at_that_step_and_ends_as_an_unstopped_run(loader, jpeg_dataset, tmp_path,
+EVERY_BACKEND = ["torchvision", "dali", "synthetic", pytest.param("ffcv", marks=pytest.mark.slow)]
+
+
+def _run_args(loader, data, out, *extra):
+    """A run on what `loader` reads of the dataset (`data`: ffcv's are .beton files) or, synthetic, of its shape."""
+    synthetic = ["loader.synthetic_samples=96", "data.num_classes=4"] if loader == "synthetic" else []
+    return _args(loader, None, out, *synthetic, *extra, train=data["train"], val=data["val"])
+
+
+@pytest.fixture(scope="module")
+def unstopped(jpeg_dataset, tmp_path_factory):
+    """unstopped(loader) -> (its data, the directory of a 3-epoch run never stopped), each run once per module."""
+    runs = {}
+
+    def run(loader):
+        if loader not in runs:
+            root = tmp_path_factory.mktemp(f"unstopped-{loader}")
+            data = {split: data_path(loader, jpeg_dataset / split, root) for split in ("train", "val")}
+            assert main(_run_args(loader, data, root / "run")) == 0
+            runs[loader] = data, root / "run"
+        return runs[loader]
+
+    return run
+
+
+def _assert_ends_as(full, resumed):
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
+    sa, sb = (torch.load(run / "last.pt", weights_only=False) for run in (full, resumed))
+    for wa, wb in ((sa["model"], sb["model"]), (sa["ema"]["module"], sb["ema"]["module"])):
+        for key in wa:
+            assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.parametrize("loader", EVERY_BACKEND)
+def test_a_stop_inside_an_epoch_resumes_at_that_step_and_ends_as_an_unstopped_run(loader, unstopped, tmp_path,
                                                                                   monkeypatch, capsys):
-    extra = ["loader.synthetic_samples=96", "data.num_classes=4"] if loader == "synthetic" else []
-    train, val = (data_path(loader, jpeg_dataset / split, tmp_path) for split in ("train", "val"))
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    assert main(_args(loader, None, full, *extra, train=train, val=val)) == 0
+    data, full = unstopped(loader)
+    stopped = tmp_path / "stopped"
     build = loaders.build_loader
     monkeypatch.setattr(loaders, "build_loader", signalling_build(build, 1, 4, signal.SIGTERM))
-    assert main(_args(loader, None, stopped, *extra, train=train, val=val)) == 128 + signal.SIGTERM
+    assert main(_run_args(loader, data, stopped)) == 128 + signal.SIGTERM
     err = capsys.readouterr()
     assert "SIGTERM: stopping after the current step" in err.err and "stopped in epoch 1 at step 6" in err.out
     state = torch.load(stopped / "last.pt", weights_only=False)
@@ -46,16 +82,53 @@ def test_a_stop_inside_an_epoch_resumes_at_that_step_and_ends_as_an_unstopped_ru
 
     assert main(["train", "--resume", str(stopped)]) == 0
     assert "(resuming at epoch 1, step 6)" in capsys.readouterr().out
-    a, b = read_metrics(full), read_metrics(stopped)
-    assert [r["epoch"] for r in b] == [0, 1, 2]
-    for ra, rb in zip(a, b):
-        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
-        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
-    sa, sb = (torch.load(run / "last.pt", weights_only=False) for run in (full, stopped))
-    for wa, wb in ((sa["model"], sb["model"]), (sa["ema"]["module"], sb["ema"]["module"])):
-        for key in wa:
-            assert torch.allclose(wa[key].float(), wb[key].float(), rtol=1e-5, atol=1e-6), key
+    _assert_ends_as(full, stopped)
     assert not (stopped / "interrupted.pt").exists()  # retired once an epoch finished after the resume
+
+
+# A run whose clock moves a minute at every reading (runtime.checkpoint_every_min=1 writes last.pt at each step),
+# killed with SIGKILL right after the in-epoch checkpoint at epoch 1, step 3.
+_KILLED_AFTER_AN_IN_EPOCH_CHECKPOINT = """
+import os, signal, sys, types
+sys.path.insert(0, {root!r})
+from fastimagenet import train
+from fastimagenet.checkpoint import CheckpointKeeper
+from fastimagenet.cli import main
+
+minutes = iter(range(10**9))
+train.time = types.SimpleNamespace(perf_counter=lambda: 60.0 * next(minutes))
+save_position = CheckpointKeeper.save_position
+
+
+def save_then_die(self, state, stopped):
+    save_position(self, state, stopped)
+    if state["position"] == {{**state["position"], "epoch": 1, "step": 3}}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+CheckpointKeeper.save_position = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", EVERY_BACKEND)
+def test_kill_9_after_an_in_epoch_checkpoint_resumes_there_and_ends_as_an_unstopped_run(loader, unstopped, tmp_path):
+    data, full = unstopped(loader)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_KILLED_AFTER_AN_IN_EPOCH_CHECKPOINT.format(root=str(Path(__file__).resolve().parents[1])))
+    killed = tmp_path / "killed"
+    process = subprocess.run([sys.executable, str(driver), *_run_args(loader, data, killed,
+                                                                       "runtime.checkpoint_every_min=1")],
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]
+    assert torch.load(killed / "last.pt", weights_only=False)["position"]["step"] == 3
+    assert [r["epoch"] for r in read_metrics(killed)] == [0]
+    resumed = subprocess.run([sys.executable, "-m", "fastimagenet", "train", "--resume", str(killed)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(resuming at epoch 1, step 3)" in resumed.stdout
+    _assert_ends_as(full, killed)
 
 
 @pytest.mark.slow
