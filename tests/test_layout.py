@@ -4,6 +4,9 @@ inside functions too, so the layout stays a one-way street a newcomer can follow
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,9 +36,19 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def test_no_import_cycles():
+def import_graph() -> dict[str, list[str]]:
     files = {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
-    graph = {name: _imports(path, set(files)) - {name} for name, path in files.items()}
+    return {name: sorted(_imports(path, set(files)) - {name}) for name, path in files.items()}
+
+
+def test_no_import_cycles():
+    # Parsed in a process of its own: in CPython 3.11 threads share the AST constructor's recursion counter, and a
+    # thread an earlier test left running (numba compiling in an FFCV epoch thread parses source too) can make
+    # ast.parse here fail with "AST constructor recursion depth mismatch".
+    child = subprocess.run([sys.executable, "-c", "import json; from tests.test_layout import import_graph; "
+                            "print(json.dumps(import_graph()))"], cwd=ROOT, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    graph = {name: set(imported) for name, imported in json.loads(child.stdout).items()}
     for name, imported in graph.items():  # a package's __init__ runs before any of its modules: an edge to it
         package = name.rpartition(".")[0]
         if package in graph and package != name:
