@@ -139,21 +139,33 @@ class _ImageSource:
             return _PLACEHOLDER, label
 
 
-def _write_beton(out: Path, samples: list[tuple[str, int]], options: ConvertOptions) -> dict[str, str]:
-    """Write `samples` to `out` with FFCV's writer; return {path: reason} for files that did not decode."""
+def write_records(out: Path, source, options: ConvertOptions) -> None:
+    """Write `source` (indexable: i -> (HWC uint8 RGB pixels, label)) to `out` with FFCV's writer, in `options`'
+    storage mode. Its writer processes fork, so `source` is not pickled."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    failure_log = out.with_name(out.name + ".failures")
-    failure_log.unlink(missing_ok=True)
-    image_field = RGBImageField(write_mode=options.write_mode, max_resolution=None,  # already scaled on load
+    image_field = RGBImageField(write_mode=options.write_mode, max_resolution=None,  # scaled by the source
                                 smart_threshold=options.smart_threshold, jpeg_quality=options.jpeg_quality,
                                 compress_probability=options.compress_probability)
     writer = DatasetWriter(str(out), {"image": image_field, "label": IntField()},
-                           num_workers=min(options.workers or os.cpu_count() or 1, len(samples)))
+                           num_workers=min(options.workers or os.cpu_count() or 1, len(source)))
+    writer.from_indexed_dataset(source, chunksize=max(1, min(100, math.ceil(len(source) / 16))))
+
+
+def write_sidecar(beton: Path, classes: list[str], images: int, **settings) -> None:
+    """The sidecar `read_sidecar` reads: class names, image count and how the file was written."""
+    meta = dict(version=SIDECAR_VERSION, classes=list(classes), images=images, **settings)
+    with atomic_output(sidecar_path(beton)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
+
+
+def _write_beton(out: Path, samples: list[tuple[str, int]], options: ConvertOptions) -> dict[str, str]:
+    """Write `samples` to `out` with FFCV's writer; return {path: reason} for files that did not decode."""
+    failure_log = out.with_name(out.name + ".failures")
+    failure_log.unlink(missing_ok=True)
     try:
-        writer.from_indexed_dataset(_ImageSource(samples, options.max_resolution, failure_log),
-                                    chunksize=max(1, min(100, math.ceil(len(samples) / 16))))
+        write_records(out, _ImageSource(samples, options.max_resolution, failure_log), options)
         if not failure_log.exists():
             return {}
         return dict(json.loads(line) for line in failure_log.read_text().splitlines())
@@ -204,10 +216,8 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
                 raise UserError(f"{src}: none of the images could be decoded")
         else:
             raise UserError(f"{src}: files keep failing to decode on each pass; are they being modified?")
-        meta = dict(version=SIDECAR_VERSION, classes=scan.classes, images=len(samples), source=str(Path(src).resolve()),
-                    skipped=skipped, **{k: v for k, v in asdict(options).items() if k not in ("force", "workers", "strict")})
-        with atomic_output(sidecar_path(dst)) as sidecar_tmp:
-            sidecar_tmp.write_text(json.dumps(meta, indent=1))
+        write_sidecar(dst, scan.classes, len(samples), source=str(Path(src).resolve()), skipped=skipped,
+                      **{k: v for k, v in asdict(options).items() if k not in ("force", "workers", "strict")})
     return ConvertReport(dst, len(samples), len(scan.classes), dst.stat().st_size, time.perf_counter() - start,
                          skipped)
 

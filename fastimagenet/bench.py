@@ -80,7 +80,10 @@ def image_folder_of(data: str) -> str:
         return data
     from dataset_tools.convert import read_sidecar
 
-    return read_sidecar(data)["source"]
+    source = read_sidecar(data).get("source")
+    if source is None:  # written from arrays (the demo's Fashion-MNIST), not by `convert`
+        raise UserError(f"{data} was not converted from an image folder: give the folder with --data")
+    return source
 
 
 def ffcv_reference(spec: LoaderSpec, scratch: str):

@@ -64,9 +64,13 @@ def cmd_demo(args) -> None:
     from fastimagenet.train import fit
 
     loader = load_config("demo_fashion_mnist", _overrides(args)).loader.name  # the recipe's, or --loader's
-    root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
-    # ffcv reads .beton files (the folders, converted once); synthetic reads nothing and is told the demo's classes
-    train, val = fashion_mnist_betons(root) if loader == "ffcv" else (root / "train", root / "val")
+    # ffcv reads .beton files, the others image folders (each written once); synthetic reads nothing and is told the
+    # demo's classes
+    if loader == "ffcv":
+        train, val = fashion_mnist_betons(DATA_HOME / "fashion-mnist-ffcv")
+    else:
+        root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
+        train, val = root / "train", root / "val"
     overrides = [f"data.train={train}", f"data.val={val}"]
     if loader == "synthetic":
         overrides.append(f"data.num_classes={len(CLASSES)}")

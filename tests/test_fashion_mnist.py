@@ -55,14 +55,37 @@ def test_bad_sources_have_clear_errors(tiny_source, tmp_path):
         prepare_fashion_mnist(tmp_path / "b", source=tiny_source)
 
 
+@pytest.mark.slow  # FFCV's writer start-up and its JIT: ~15 s
+def test_idx_files_become_betons_of_the_exact_pixels(tiny_source, tmp_path, capsys):
+    from dataset_tools.fashion_mnist import _read_idx, fashion_mnist_betons
+    from dataset_tools.inspect_beton import Beton, inspect_beton
+
+    train, val = fashion_mnist_betons(tmp_path / "fm", source=tiny_source)
+    assert "writing Fashion-MNIST" in capsys.readouterr().out
+    for path, prefix, count in ((train, "train", 20), (val, "t10k", 10)):
+        info = inspect_beton(path, verify=True)
+        assert info["verified"] and info["write_modes"] == {"raw": count} and info["class_names"][0] == CLASSES[0]
+        beton = Beton(path)
+        pixels = _read_idx(tiny_source / f"{prefix}-images-idx3-ubyte.gz", 2051)
+        labels = _read_idx(tiny_source / f"{prefix}-labels-idx1-ubyte.gz", 2049)
+        for i in (0, count - 1):
+            image = beton.pixels(i)
+            assert beton.labels[i] == labels[i] and image.shape == (28, 28, 3)
+            assert all(np.array_equal(image[:, :, c], pixels[i]) for c in range(3))
+    stamp = val.stat().st_mtime_ns
+    assert fashion_mnist_betons(tmp_path / "fm", source=tiny_source) == (train, val)  # cached: not rewritten
+    assert val.stat().st_mtime_ns == stamp and capsys.readouterr().out == ""
+
+
 @pytest.fixture
 def tiny_demo_data(tiny_source, tmp_path, monkeypatch):
     """`make-data fashion-mnist` and `demo` read tiny_source, and the demo keeps its data under tmp_path."""
     from dataset_tools import fashion_mnist
     from fastimagenet import cli
 
-    prepare = fashion_mnist.prepare_fashion_mnist
+    prepare, betons = fashion_mnist.prepare_fashion_mnist, fashion_mnist.fashion_mnist_betons
     monkeypatch.setattr(fashion_mnist, "prepare_fashion_mnist", lambda out: prepare(out, source=tiny_source))
+    monkeypatch.setattr(fashion_mnist, "fashion_mnist_betons", lambda out: betons(out, source=tiny_source))
     monkeypatch.setattr(cli, "DATA_HOME", tmp_path / "home")
 
 

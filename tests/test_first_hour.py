@@ -323,6 +323,7 @@ def test_help_speaks_to_users_and_shows_defaults(capsys):
 def test_demo_takes_runtime_out_dir_like_train(monkeypatch):
     seen = {}
     monkeypatch.setattr("dataset_tools.fashion_mnist.prepare_fashion_mnist", lambda out: out)
+    monkeypatch.setattr("dataset_tools.fashion_mnist.fashion_mnist_betons", lambda out: (out / "t", out / "v"))
     monkeypatch.setattr("fastimagenet.train.fit", lambda cfg, overwrite=False: seen.update(
         out=cfg.runtime.out_dir, overwrite=overwrite) or {"val_top1": 0.5})
     assert main(["demo", "runtime.out_dir=A"]) == 0 and seen == {"out": "A", "overwrite": False}
