@@ -22,3 +22,14 @@ def test_ffcv_baseline_converts_a_folder_into_a_temporary_beton(jpeg_dataset, ca
     assert result["ffcv_images_per_s"] > 0 and result["torchvision_images_per_s"] > 0
     assert len(result["round_ratios_vs_ffcv"]) == len(result["round_ratios_vs_torchvision"]) == 2
     assert scratch() == before  # the .beton went with its temporary directory
+
+
+def test_a_torchvision_baseline_for_a_beton_without_a_source_folder_is_a_clear_error(tmp_path):
+    from dataset_tools.convert import write_sidecar
+    from fastimagenet.bench import image_folder_of
+    from fastimagenet.errors import UserError
+
+    beton = tmp_path / "train.beton"
+    write_sidecar(beton, ["a", "b"], 2, origin="arrays")  # as the demo writes its Fashion-MNIST files
+    with pytest.raises(UserError, match=f"{beton} was not converted from an image folder"):
+        image_folder_of(str(beton))
