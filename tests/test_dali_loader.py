@@ -141,12 +141,25 @@ def test_pipelines_use_the_executor_that_can_hand_over_on_a_stream(jpeg_dataset)
     assert loader._pipe.exec_dynamic  # DALI's run(stream) refuses any other executor
 
 
-def test_decoders_ignore_exif_and_pad_nvjpeg_buffers_only_on_the_gpu():
-    cpu, mixed = decoder_options("cpu", 0.65), decoder_options("mixed", 0.65)
-    assert cpu["adjust_orientation"] is False and mixed["adjust_orientation"] is False
-    assert "device_memory_padding" not in cpu and "hw_decoder_load" not in cpu
-    assert mixed["device_memory_padding"] == 211_025_920 and mixed["host_memory_padding"] == 140_544_512
-    assert mixed["hw_decoder_load"] == 0.65
+
+def test_decode_threads_are_the_worker_budget(jpeg_dataset, monkeypatch):
+    """A pipeline's threads: the process's share of the CPUs for train, half for val, the node's processes dividing
+    the share; loader.workers, then loader.dali.threads, override it."""
+    share = len(os.sched_getaffinity(0))
+
+    def threads(workers: int, train: bool = True, dali_threads: int = 0) -> int:
+        spec = dali_spec(jpeg_dataset / "train", train=train)
+        spec.options.workers, spec.options.dali.threads = workers, dali_threads
+        loader = loaders.build_loader("dali", spec)
+        batches = iter(loader)
+        next(batches)  # the pass's pipeline lives while its iterator does
+        return loader._pipe.num_threads
+
+    for local_world_size in (1, 2):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
+        per_process = max(1, share // local_world_size)
+        assert threads(0) == per_process and threads(0, train=False) == max(1, per_process // 2)
+    assert threads(3) == 3 and threads(3, dali_threads=2) == 2
 
 
 def test_an_epoch_left_early_does_not_leak_into_the_next(jpeg_dataset):
