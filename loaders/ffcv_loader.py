@@ -17,10 +17,16 @@
   (the training loop does).
 - FFCV's epoch thread is given the loader's GPU as its current device (_DeviceEpochIterator), so a torchrun
   process never opens a CUDA context on another process's GPU.
+- Threads: FFCV's `Compiler.set_num_threads` sets numba's *and torch's* thread count of the thread that calls it
+  (both are per thread). FFCV calls it when a Loader is built and in each epoch thread; the epoch thread's call is
+  the one the decode needs. The calling thread's torch count is put back after the build (`_torch_threads_kept`),
+  so the training step and evaluation keep torch's threads whatever the loaders' worker counts are (before, a val
+  loader with one worker left evaluation, and `loader.workers=1` left training, on one torch thread).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from queue import Full
 from typing import Callable, Iterator
@@ -32,7 +38,6 @@ from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomRe
 from ffcv.loader import Loader as _FfcvLoader
 from ffcv.loader import OrderOption
 from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -71,6 +76,17 @@ def _pipelines(spec: LoaderSpec, decoder, flip: bool = False) -> dict:
     return {"image": image + [ToTorchImage(channels_last=True, convert_back_int16=False)], "label": label}
 
 
+@contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """torch's thread count of this thread as it was before the block (see the module notes)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _ffcv_loader(spec: LoaderSpec, path: Path, pipelines: dict, order: OrderOption, os_cache: bool) -> _FfcvLoader:
     workers = spec.workers()
     if workers > numba.config.NUMBA_NUM_THREADS:  # FFCV hands its thread count to numba.set_num_threads
@@ -78,9 +94,10 @@ def _ffcv_loader(spec: LoaderSpec, path: Path, pipelines: dict, order: OrderOpti
                         f"{numba.config.NUMBA_NUM_THREADS} threads (the CPUs this process may use); lower "
                         "loader.workers, or set NUMBA_NUM_THREADS")
     try:
-        return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=workers,
-                           os_cache=os_cache, order=order, seed=spec.seed,
-                           drop_last=spec.train, pipelines=pipelines)
+        with _torch_threads_kept():  # FFCV's Loader sets its thread count while it compiles
+            return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=workers,
+                               os_cache=os_cache, order=order, seed=spec.seed,
+                               drop_last=spec.train, pipelines=pipelines)
     except (AssertionError, ValueError, OSError, IndexError) as exc:
         raise UserError(f"{path}: not a readable .beton file ({type(exc).__name__}: {exc}); re-run "
                         "`fastimagenet convert --force`") from None
@@ -210,8 +227,7 @@ class FfcvLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # FFCV's Loader.__iter__ (its code is generated once, when it is built), with our epoch thread
-        loader = self._loader
-        Compiler.set_num_threads(loader.num_workers)
+        loader = self._loader  # (the epoch thread sets its decode threads itself: see the module notes)
         # a resumed epoch skips the batches it already had; the others get the crops they have in a whole pass
         order = loader.next_traversal_order()[self._first_step * loader.batch_size : len(loader) * loader.batch_size]
         epoch, spec = loader.next_epoch, self.spec

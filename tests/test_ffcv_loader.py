@@ -224,12 +224,16 @@ def test_a_cpu_loader_sets_no_gpu_and_an_unnumbered_cuda_is_the_callers_gpu(beto
     assert _gpu_index(torch.device("cuda")) == 3
 
 
-def test_decode_threads_are_the_worker_budget(betons, monkeypatch):
-    """FFCV's decode parallelism is numba's thread count in its epoch thread: the train share, half for val."""
+def test_decode_threads_are_the_worker_budget_and_torch_keeps_its_own(betons, monkeypatch):
+    """FFCV's decode parallelism is numba's thread count in its epoch thread: the train share, half for val. FFCV
+    sets torch's thread count along with numba's; the training thread's stays what it was (the suite's 2), so a
+    one-worker val loader does not leave evaluation on one thread."""
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     share = len(os.sched_getaffinity(0))
-    for split, train, expected in (("train", True, share), ("val", False, max(1, share // 2))):
-        loader = loaders.build_loader("ffcv", ffcv_spec(betons / f"{split}.beton", train=train, workers=0))
+    torch_threads = torch.get_num_threads()
+    for split, train, workers, expected in (("train", True, 0, share), ("val", False, 0, max(1, share // 2)),
+                                            ("train", True, 1, 1)):
+        loader = loaders.build_loader("ffcv", ffcv_spec(betons / f"{split}.beton", train=train, workers=workers))
         threads = []
         run_pipeline = EpochIterator.run_pipeline
         monkeypatch.setattr(EpochIterator, "run_pipeline",
@@ -237,7 +241,7 @@ def test_decode_threads_are_the_worker_budget(betons, monkeypatch):
         list(loader)
         monkeypatch.undo()
         assert loader._loader.num_workers == expected and set(threads) == {expected}
-    torch.set_num_threads(2)  # FFCV sets torch's thread count too; back to the test suite's
+        assert torch.get_num_threads() == torch_threads
 
 
 def test_more_workers_than_numba_threads_is_a_clear_error(betons):
