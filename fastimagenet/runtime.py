@@ -16,6 +16,20 @@ from fastimagenet.errors import UserError
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+@contextlib.contextmanager
+def torch_threads_kept():
+    """torch's thread count of this thread as it was before the block. FFCV sets the calling thread's count (with
+    numba's) when it is first imported (to 1: ffcv/pipeline/compiler.py) and when a Loader is built (to its
+    workers); code that imports FFCV or builds its Loader does it in this block, so training and evaluation keep
+    torch's threads (its default, or OMP_NUM_THREADS)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device

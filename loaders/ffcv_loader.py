@@ -18,15 +18,15 @@
 - FFCV's epoch thread is given the loader's GPU as its current device (_DeviceEpochIterator), so a torchrun
   process never opens a CUDA context on another process's GPU.
 - Threads: FFCV's `Compiler.set_num_threads` sets numba's *and torch's* thread count of the thread that calls it
-  (both are per thread). FFCV calls it when a Loader is built and in each epoch thread; the epoch thread's call is
-  the one the decode needs. The calling thread's torch count is put back after the build (`_torch_threads_kept`),
-  so the training step and evaluation keep torch's threads whatever the loaders' worker counts are (before, a val
-  loader with one worker left evaluation, and `loader.workers=1` left training, on one torch thread).
+  (both are per thread). FFCV calls it when first imported (1), when a Loader is built and in each epoch thread;
+  the epoch thread's call is the one the decode needs. The importing and building thread's torch count is put back
+  (`torch_threads_kept`), so the training step and evaluation keep torch's threads whatever the loaders' worker
+  counts are (before, evaluation after a one-worker val loader, and training with `loader.workers=1`, ran on one
+  torch thread).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from queue import Full
 from typing import Callable, Iterator
@@ -34,19 +34,23 @@ from typing import Callable, Iterator
 import numba
 import numpy as np
 import torch
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.loader import Loader as _FfcvLoader
-from ffcv.loader import OrderOption
-from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.traversal_order import QuasiRandom
-from ffcv.traversal_order.base import TraversalOrder
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from dataset_tools.convert import read_sidecar
 from fastimagenet.errors import UserError
+from fastimagenet.runtime import torch_threads_kept
 from loaders.augment import crop_windows
 from loaders.base import LoaderSpec, check_batch_fits, epoch_order, rank_share
-from loaders.ffcv_window_decoder import WindowCropDecoder
+
+with torch_threads_kept():  # importing FFCV sets this thread's torch count to 1 (see the module notes)
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader as _FfcvLoader
+    from ffcv.loader import OrderOption
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.traversal_order import QuasiRandom
+    from ffcv.traversal_order.base import TraversalOrder
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    from loaders.ffcv_window_decoder import WindowCropDecoder
 
 
 def beton_path(spec: LoaderSpec) -> Path:
@@ -76,17 +80,6 @@ def _pipelines(spec: LoaderSpec, decoder, flip: bool = False) -> dict:
     return {"image": image + [ToTorchImage(channels_last=True, convert_back_int16=False)], "label": label}
 
 
-@contextmanager
-def _torch_threads_kept() -> Iterator[None]:
-    """torch's thread count of this thread as it was before the block (see the module notes)."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
 def _ffcv_loader(spec: LoaderSpec, path: Path, pipelines: dict, order: OrderOption, os_cache: bool) -> _FfcvLoader:
     workers = spec.workers()
     if workers > numba.config.NUMBA_NUM_THREADS:  # FFCV hands its thread count to numba.set_num_threads
@@ -94,7 +87,7 @@ def _ffcv_loader(spec: LoaderSpec, path: Path, pipelines: dict, order: OrderOpti
                         f"{numba.config.NUMBA_NUM_THREADS} threads (the CPUs this process may use); lower "
                         "loader.workers, or set NUMBA_NUM_THREADS")
     try:
-        with _torch_threads_kept():  # FFCV's Loader sets its thread count while it compiles
+        with torch_threads_kept():  # FFCV's Loader sets its thread count while it compiles
             return _FfcvLoader(str(path), batch_size=spec.per_rank_batch(), num_workers=workers,
                                os_cache=os_cache, order=order, seed=spec.seed,
                                drop_last=spec.train, pipelines=pipelines)

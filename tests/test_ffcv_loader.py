@@ -277,3 +277,18 @@ def test_torchrun_ranks_open_a_context_on_their_own_gpu_only(betons, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks == [{"status": 0, "gpus": [0]}, {"status": 0, "gpus": [1]}]
+
+
+@pytest.mark.parametrize("first", ["import loaders.ffcv_loader",
+                                   "from dataset_tools.convert import ConvertOptions, write_records; "
+                                   "write_records(Path(sys.argv[1]), [(np.zeros((8, 8, 3), np.uint8), 0)] * 4, "
+                                   "ConvertOptions(write_mode='raw', workers=1))"])
+def test_the_first_ffcv_import_leaves_torchs_threads_alone(first, tmp_path):
+    """FFCV's compiler module sets the importing thread's torch count to 1; the loader and the .beton writer (the
+    demo writes its files just before it trains, in the same process) import it with the count kept."""
+    code = f"import sys; from pathlib import Path; import numpy as np; import torch; torch.set_num_threads(2); {first}; " \
+           "print(torch.get_num_threads())"
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.beton")], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "2"
