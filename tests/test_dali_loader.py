@@ -141,6 +141,13 @@ def test_pipelines_use_the_executor_that_can_hand_over_on_a_stream(jpeg_dataset)
     assert loader._pipe.exec_dynamic  # DALI's run(stream) refuses any other executor
 
 
+def test_decoders_ignore_exif_and_pad_nvjpeg_buffers_only_on_the_gpu():
+    cpu, mixed = decoder_options("cpu", 0.65), decoder_options("mixed", 0.65)
+    assert cpu["adjust_orientation"] is False and mixed["adjust_orientation"] is False
+    assert "device_memory_padding" not in cpu and "hw_decoder_load" not in cpu
+    assert mixed["device_memory_padding"] == 211_025_920 and mixed["host_memory_padding"] == 140_544_512
+    assert mixed["hw_decoder_load"] == 0.65
+
 
 def test_decode_threads_are_the_worker_budget(jpeg_dataset, monkeypatch):
     """A pipeline's threads: the process's share of the CPUs for train, half for val, the node's processes dividing

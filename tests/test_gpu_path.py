@@ -59,7 +59,6 @@ def test_recompile_limit_covers_the_plan_and_hitting_it_is_an_error():
     torch._dynamo.reset()
 
 
-
 def test_the_compiled_forward_is_the_training_module_itself(jpeg_dataset):
     """torch.compile gets the module the step trains (the DDP wrapper under torchrun): no lambda around it, so under
     DDP Dynamo sees the wrapper and splits the graph at its gradient buckets."""
@@ -67,6 +66,7 @@ def test_the_compiled_forward_is_the_training_module_itself(jpeg_dataset):
                              "runtime.compile_backend=eager", "schedule.stages=0,32,8", "epochs=1"])
     run = build_training(cfg, build_plan(cfg), resolve_runtime(cfg), with_val=False)
     assert run.forward._orig_mod is run.train_module
+
 
 def test_warnings_for_a_driver_too_old_and_for_sync_bn_under_compile():
     assert "driver is probably older" in missing_cuda_warning("/usr/bin/nvidia-smi", cuda_available=False)
