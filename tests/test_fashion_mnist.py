@@ -53,6 +53,9 @@ def test_bad_sources_have_clear_errors(tiny_source, tmp_path):
     (tiny_source / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x09\x99" + bytes(8)))
     with pytest.raises(UserError, match="train-labels-idx1-ubyte.gz: not an idx file"):
         prepare_fashion_mnist(tmp_path / "b", source=tiny_source)
+    _write_idx(tiny_source / "train-labels-idx1-ubyte.gz", np.zeros(11, np.uint8), 2049)  # 11 labels, 20 images
+    with pytest.raises(UserError, match=r"train holds \(20, 28, 28\) images and 11 labels"):
+        prepare_fashion_mnist(tmp_path / "c", source=tiny_source)
 
 
 @pytest.mark.slow  # FFCV's writer start-up and its JIT: ~15 s
