@@ -292,7 +292,7 @@ def test_ctrl_c_is_reported_once(monkeypatch, capsys):
 # ---------------------------------------------------------------- 8: consistency
 def test_demo_recipe_scales_with_epochs_and_explicit_stages_say_they_count_epochs():
     rows = build_plan(load_config("demo_fashion_mnist")).rows
-    assert [r.resolution for r in rows] == [16, 16, 16, 20, 24, 28, 28, 28, 28, 28]  # the recipe's comment says so
+    assert [r.resolution for r in rows] == [16, 16, 16, 20, 24, 28, 28, 28, 28, 28, 28]  # the recipe's comment says so
     assert [r.resolution for r in build_plan(load_config("demo_fashion_mnist", ["epochs=1"])).rows] == [16]
     with pytest.raises(UserError, match="explicit stages count epochs and do not scale with 'epochs'"):
         load_config(overrides=["epochs=2", "schedule.stages=0,128,256;4,160,256"])
