@@ -291,8 +291,11 @@ def test_ctrl_c_is_reported_once(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- 8: consistency
 def test_demo_recipe_scales_with_epochs_and_explicit_stages_say_they_count_epochs():
-    rows = build_plan(load_config("demo_fashion_mnist")).rows
+    cfg = load_config("demo_fashion_mnist")
+    rows = build_plan(cfg).rows
     assert [r.resolution for r in rows] == [16, 16, 16, 20, 24, 28, 28, 28, 28, 28, 28]  # the recipe's comment says so
+    # and it validates after the first 28 px epoch and the last
+    assert [e for e in range(cfg.epochs) if train_module.validates(e, cfg.epochs, cfg.runtime.eval_every)] == [5, 10]
     assert [r.resolution for r in build_plan(load_config("demo_fashion_mnist", ["epochs=1"])).rows] == [16]
     with pytest.raises(UserError, match="explicit stages count epochs and do not scale with 'epochs'"):
         load_config(overrides=["epochs=2", "schedule.stages=0,128,256;4,160,256"])
