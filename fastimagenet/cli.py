@@ -434,6 +434,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Each line is out as soon as it is printed, also into a pipe or a log file (Slurm's, `| tee`), where Python
+    # would otherwise hold epochs of output in its buffer.
+    if callable(getattr(sys.stdout, "reconfigure", None)):
+        sys.stdout.reconfigure(line_buffering=True)
     args = parse(argv)
     try:
         args.func(args)

@@ -5,9 +5,8 @@ same global batch."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from fastimagenet.errors import UserError
 from fastimagenet.metrics import read_metrics
 from fastimagenet.train import fit
 from tests.conftest import TINY_RUN, data_path
+from tests.processes import ROOT, Started, run_to_end
 
 TINY = [*TINY_RUN, "optim.label_smoothing=0", "optim.lr=0.4", "schedule.lr=cosine", "schedule.stages=0,32,8",
         "epochs=2", "loader.synthetic_samples=16", "data.num_classes=16"]
@@ -162,8 +162,8 @@ def test_torchrun_cli_trains_with_two_processes(jpeg_dataset, tmp_path):
                "-m", "fastimagenet", "train", "--loader", "torchvision", f"data.train={jpeg_dataset / 'train'}",
                f"data.val={jpeg_dataset / 'val'}", f"runtime.out_dir={out}", *TINY, "data.num_classes=0",
                "schedule.stages=0,32,16", "runtime.ddp_static_graph=true"]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_to_end(command, tmp_path / "torchrun.log", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:]
     assert result.stdout.count("run directory:") == 1  # only rank 0 prints
     assert "x 2 process(es)" in result.stdout
     metrics = read_metrics(out)
@@ -183,37 +183,51 @@ shutdown()
 
 
 @pytest.mark.slow
-def test_each_torchrun_attempt_forms_its_process_group_under_keys_of_its_own():
+def test_each_torchrun_attempt_forms_its_process_group_under_keys_of_its_own(tmp_path):
     """torchrun's agent serves one store for all the restarts of a job, where a process group leaves its members'
     addresses: a restart reading those of the failed attempt (dead processes) cannot form its group. Two attempts,
     each against a store of its own standing in for the agent's (so neither meets the other's leftovers), write
     disjoint sets of keys."""
     stores = [torch.distributed.TCPStore("127.0.0.1", 0, is_master=True) for _ in range(2)]
-    processes = [subprocess.Popen([sys.executable, "-c", _ATTEMPT_PROCESS], env={
-        **os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "TORCHELASTIC_RESTART_COUNT": str(attempt), "OMP_NUM_THREADS": "1"})
-        for attempt, store in enumerate(stores) for rank in range(2)]
-    assert [process.wait(timeout=120) for process in processes] == [0] * 4
+    with ExitStack() as running:
+        processes = [running.enter_context(Started([sys.executable, "-c", _ATTEMPT_PROCESS],
+                                                   tmp_path / f"attempt{attempt}-rank{rank}.log", env={
+            **os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RESTART_COUNT": str(attempt), "OMP_NUM_THREADS": "1"}))
+            for attempt, store in enumerate(stores) for rank in range(2)]
+        for process in processes:
+            assert process.finish() == 0, process.output()[-3000:]
     first, second = (set(store.list_keys()) for store in stores)
     assert first and second and not first & second
 
 
 # Runs under torchrun as `fastimagenet train ...`, except that rank 1 kills itself at step 1 of epoch 1 (after epoch
-# 0's checkpoint) on the first attempt, and on the restart starts 2 s after rank 0, as a slow machine would: rank 0
-# then reaches the process group first, where the failed attempt left rank 1's old address.
+# 0's checkpoint) on the first attempt, and on the restart starts only once rank 0 is forming the process group, as
+# on a slow machine: rank 0 then reaches it first, where the failed attempt left rank 1's old address.
 _DIES_ONCE_DRIVER = """
 import os, signal, sys, time
+from pathlib import Path
 sys.path.insert(0, {root!r})  # for tests.step_signals
 import loaders
+from fastimagenet import train
 from fastimagenet.cli import main
 from tests.step_signals import signalling_build
 
-if os.environ["RANK"] == "1":
-    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+rank_0_forming = Path({handshake!r})
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    if os.environ["RANK"] == "1":
         loaders.build_loader = signalling_build(loaders.build_loader, 1, 1, signal.SIGKILL, before_yield=True)
-    else:
-        time.sleep(2)
+elif os.environ["RANK"] == "0":
+    init = train.init_process_group
+    def say_then_init(*args):
+        rank_0_forming.touch()
+        init(*args)
+    train.init_process_group = say_then_init
+else:
+    deadline = time.monotonic() + 600
+    while not rank_0_forming.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -224,20 +238,15 @@ def test_torchrun_restarts_a_crashed_rank_and_resume_auto_ends_as_an_uncrashed_r
     ranks again with the same command line, they continue from epoch 0's checkpoint and end with the metrics and
     weights of a run that never crashed."""
     driver = tmp_path / "driver.py"
-    driver.write_text(_DIES_ONCE_DRIVER.format(root=str(Path(__file__).resolve().parents[1])))
+    driver.write_text(_DIES_ONCE_DRIVER.format(root=str(ROOT), handshake=str(tmp_path / "rank-0-forming")))
 
     def torchrun(out, *program):
         command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", *program,
                    "train", "--resume", "auto", "--loader", "synthetic", f"runtime.out_dir={tmp_path / out}", *TINY]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-        try:
-            stdout, stderr = process.communicate(timeout=240)
-        except subprocess.TimeoutExpired:  # a process group that cannot form waits: end torchrun and its workers
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-        assert process.returncode == 0, stderr[-3000:]
-        return stdout
+        # a process group that cannot form waits (for its 30-minute timeout): the guard ends torchrun and its workers
+        result = run_to_end(command, tmp_path / f"{out}.log", env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:]
+        return result.stdout
 
     restarted = torchrun("restarted", "--max-restarts=1", str(driver))
     assert "(resuming at epoch 1)" in restarted and restarted.count("done: val top-1") == 1

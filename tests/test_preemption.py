@@ -4,9 +4,7 @@ the same step, ending with the weights of a run never stopped; `--resume auto` r
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,12 @@ import loaders
 from fastimagenet.cli import main
 from fastimagenet.metrics import read_metrics
 from tests.conftest import TINY_RUN, data_path
+from tests.processes import Started, fastimagenet, run_to_end
 from tests.step_signals import signalling_build
 
 RUN = [*TINY_RUN, "optim.lr=0.4", "schedule.lr=onecycle", "data.val_resolution=32", "optim.ema_decay=0.9",
-       "schedule.stages=0,24,8;1,32,8", "epochs=3"]
+       "schedule.stages=0,24,8;1,32,8", "epochs=3",
+       "runtime.preempt_grace_s=600"]  # a stop's checkpoint may take as long as a slow machine needs
 
 
 def _args(loader, data, out, *extra, train=None, val=None):
@@ -118,21 +118,19 @@ def test_kill_9_after_an_in_epoch_checkpoint_resumes_there_and_ends_as_an_unstop
     the last digits (thread settings that earlier tests leave behind)."""
     data, _ = unstopped(loader)
     full = tmp_path / "full"
-    process = subprocess.run([sys.executable, "-m", "fastimagenet", *_run_args(loader, data, full)],
-                             capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stderr[-3000:]
+    process = run_to_end(fastimagenet(*_run_args(loader, data, full)), tmp_path / "full.log")
+    assert process.returncode == 0, process.stdout[-3000:]
     driver = tmp_path / "driver.py"
     driver.write_text(_KILLED_AFTER_AN_IN_EPOCH_CHECKPOINT.format(root=str(Path(__file__).resolve().parents[1])))
     killed = tmp_path / "killed"
-    process = subprocess.run([sys.executable, str(driver), *_run_args(loader, data, killed,
-                                                                       "runtime.checkpoint_every_min=1")],
-                             capture_output=True, text=True, timeout=300)
-    assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]
+    process = run_to_end([sys.executable, str(driver), *_run_args(loader, data, killed,
+                                                                  "runtime.checkpoint_every_min=1")],
+                         tmp_path / "killed.log")
+    assert process.returncode == -signal.SIGKILL, process.stdout[-3000:]
     assert torch.load(killed / "last.pt", weights_only=False)["position"]["step"] == 3
     assert [r["epoch"] for r in read_metrics(killed)] == [0]
-    resumed = subprocess.run([sys.executable, "-m", "fastimagenet", "train", "--resume", str(killed)],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run_to_end(fastimagenet("train", "--resume", str(killed)), tmp_path / "resumed.log")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "(resuming at epoch 1, step 3)" in resumed.stdout
     _assert_ends_as(full, killed)
 
@@ -140,31 +138,22 @@ def test_kill_9_after_an_in_epoch_checkpoint_resumes_there_and_ends_as_an_unstop
 @pytest.mark.slow
 def test_sigterm_to_a_real_process_checkpoints_and_a_second_signal_exits_at_once(jpeg_dataset, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "fastimagenet", *_args("torchvision", jpeg_dataset, out,
-                                                                             "epochs=40")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:  # the first epoch has ended: the loop is running
-        if line.startswith("epoch 0:"):
-            break
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert "continue with: fastimagenet train --resume" in stdout
+    with Started(fastimagenet(*_args("torchvision", jpeg_dataset, out, "epochs=40")), tmp_path / "run.log") as process:
+        process.wait_for_line("epoch 0:")  # the first epoch has ended: the loop is running
+        process.signal(signal.SIGTERM)
+        assert process.finish() == 128 + signal.SIGTERM, process.output()[-2000:]
+    assert "continue with: fastimagenet train --resume" in process.output()
     torch.load(out / "last.pt", weights_only=False)  # whole
 
     again = tmp_path / "again"
-    process = subprocess.Popen([sys.executable, "-m", "fastimagenet", *_args("torchvision", jpeg_dataset, again,
-                                                                             "epochs=40", "runtime.preempt_grace_s=60")],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:
-        if line.startswith("epoch 0:"):
-            break
-    # the epoch's line comes just before its checkpoint: a second signal while that is written leaves none
-    while not (again / "last.pt").exists():
-        time.sleep(0.05)
-    process.send_signal(signal.SIGUSR1)
-    process.send_signal(signal.SIGUSR1)
-    assert process.wait(timeout=60) == 128 + signal.SIGUSR1
+    with Started(fastimagenet(*_args("torchvision", jpeg_dataset, again, "epochs=40", "runtime.preempt_grace_s=60")),
+                 tmp_path / "again.log") as process:
+        # the epoch's line comes just before its checkpoint: a second signal while that is written leaves none
+        process.wait_for_line("epoch 0:")
+        process.wait_for("epoch 0's checkpoint", (again / "last.pt").exists)
+        process.signal(signal.SIGUSR1)
+        process.signal(signal.SIGUSR1)
+        assert process.finish() == 128 + signal.SIGUSR1
     torch.load(again / "last.pt", weights_only=False)  # the previous checkpoint, whole
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
-import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
@@ -18,9 +17,11 @@ from fastimagenet.checkpoint import CheckpointKeeper, atomic_torch_save
 from fastimagenet.cli import main
 from fastimagenet.metrics import read_metrics
 from tests.conftest import TINY_RUN
+from tests.processes import Started
 
 TINY = [*TINY_RUN, "optim.lr=0.8", "schedule.lr=onecycle", "data.val_resolution=32",
-        "schedule.stages=0,24,16;2,32,16", "runtime.keep_best=2", "optim.ema_decay=0.9"]
+        "schedule.stages=0,24,16;2,32,16", "runtime.keep_best=2", "optim.ema_decay=0.9",
+        "runtime.preempt_grace_s=600"]  # a stop's checkpoint may take as long as a slow machine needs
 
 
 def _args(data, out, epochs):
@@ -28,41 +29,26 @@ def _args(data, out, epochs):
             f"runtime.out_dir={out}", f"epochs={epochs}", *TINY]
 
 
-def _start(data, out, epochs, *extra) -> subprocess.Popen:
+@contextmanager
+def _paused_run(data, out, epochs, at: tuple[int, int], *extra) -> Iterator[Started]:
+    """The run as a process of its own, held still before step at[1] of epoch at[0] (tests/step_signals.py) until
+    a signal comes: a signal sent once it is ready lands exactly there, on a machine of any speed."""
     # One intra-op thread, as in the runs it is compared with, so the float arithmetic is the same.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fastimagenet", *_args(data, out, epochs), *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_epochs(process, out, count: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (out / "metrics.jsonl").is_file() and len(read_metrics(out)) >= count:
-            return
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.02)
-    raise AssertionError(f"no {count} epochs within {timeout} s")
-
-
-def _wait_for_a_step_of(process, epoch: int) -> None:
-    """Reads the progress bar on stderr until it shows a step of `epoch` done: a stop now lands inside that epoch."""
-    shown = ""
-    while not re.search(rf"epoch {epoch}: [^\n\r]*\| [1-9]\d*/", shown):
-        char = process.stderr.read(1)
-        assert char, f"the run ended before a step of epoch {epoch}: {shown[-2000:]}"
-        shown += char
+    ready = out.parent / f"{out.name}.paused"
+    with Started([sys.executable, "-m", "tests.step_signals", "pause", str(at[0]), str(at[1]), str(ready),
+                  *_args(data, out, epochs), *extra], out.parent / f"{out.name}.log", env) as process:
+        process.wait_for(f"the run to pause before step {at[1]} of epoch {at[0]}", ready.is_file)
+        yield process
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_an_uninterrupted_run(jpeg_dataset, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    process = _start(jpeg_dataset, killed, epochs=4)
-    _wait_for_epochs(process, killed, 2)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL  # it was killed mid-run, not finished
-    finished = len(read_metrics(killed))
-    assert 2 <= finished < 4
+    with _paused_run(jpeg_dataset, killed, 4, at=(2, 0)) as process:  # epochs 0 and 1 finished
+        process.signal(signal.SIGKILL)
+        assert process.finish() == -signal.SIGKILL  # it was killed mid-run, not finished
+    assert [r["epoch"] for r in read_metrics(killed)] == [0, 1]
 
     # A write cut by a kill leaves a temporary file beside the one it was replacing: there may be none from this
     # kill (it depends on when it came), so one is planted
@@ -92,18 +78,18 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(jpeg_dataset, tmp_path)
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exports(jpeg_dataset, tmp_path):
     out = tmp_path / "run"
-    process = _start(jpeg_dataset, out, 6, "schedule.stages=0,24,8")  # 96 images: 12 steps an epoch
-    _wait_for_a_step_of(process, 1)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    with _paused_run(jpeg_dataset, out, 6, (1, 3), "schedule.stages=0,24,8") as process:  # 12 steps an epoch
+        process.signal(signal.SIGINT)
+        assert process.finish() == 130, process.output()[-3000:]
+    assert "SIGINT: stopping after the current step" in process.output()
     state = torch.load(out / "interrupted.pt", weights_only=False)
     assert (out / "interrupted.pt").samefile(out / "last.pt")  # the stop's resumable checkpoint, named for export
     # Where it stopped, against what was written apart from the checkpoint: metrics.jsonl logged epoch 0 alone as
     # finished, and the EMA counted the optimizer steps taken.
     assert [r["epoch"] for r in read_metrics(out)] == [0]
-    assert state["epoch"] == 0 and state["position"]["epoch"] == 1 and 1 <= state["position"]["step"] < 12
-    assert state["ema"]["updates"] == 12 + state["position"]["step"]
+    # It was paused before step 3 and stopped after that step: the position is step 4, whatever the machine's speed.
+    assert state["epoch"] == 0 and state["position"] == {**state["position"], "epoch": 1, "step": 4}
+    assert state["ema"]["updates"] == 12 + 4
     assert main(["export", str(out), str(tmp_path / "weights.pt"), "--checkpoint", "interrupted"]) == 0
     exported = torch.load(tmp_path / "weights.pt", weights_only=True)
     assert exported.keys() == state["model"].keys()
