@@ -30,8 +30,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     # non-fused step reads found_inf on the host every step, the fused one takes it as a device tensor.
     fused = device.type == "cuda"
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
+        sgd = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
+        zero_momentum_buffers(sgd)
+        return sgd
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=fused)
+
+
+def zero_momentum_buffers(sgd: torch.optim.SGD) -> None:
+    """SGD's momentum buffers, made as zeros now. torch makes them on the first step with `empty_like` and lets
+    that step fill them; the fused kernel returns early when a GradScaler found an overflow (fp16's first step
+    often does: its scale starts at 2^16), so a skipped first step would leave uninitialised memory as momentum.
+    Zeros give the first real step the same result (0 * momentum + grad), skipped or not."""
+    if not sgd.defaults["momentum"]:
+        return
+    for group in sgd.param_groups:
+        for param in group["params"]:
+            sgd.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

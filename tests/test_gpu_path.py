@@ -36,6 +36,29 @@ def test_optimizers_are_fused_on_cuda_only():
         assert not build_optimizer(params, optim, torch.device("cpu")).defaults["fused"]
 
 
+def _step_after_a_skipped_one(device: torch.device) -> torch.Tensor:
+    """A weight of ones after an optimizer step skipped for an overflow (as fp16's first often is), then a real one
+    with gradient 1 at LR 0.1: 0.9 whatever the memory the optimizer's buffers were made from held before."""
+    torch.full((4096,), -535.0, device=device).sum()  # freed memory that uninitialised momentum would read
+    model = nn.Linear(4, 1, bias=False).to(device)
+    nn.init.ones_(model.weight)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", momentum=0.9, weight_decay=0.0), torch.device("cuda"))
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
+    for gradient in (float("inf"), 1.0):
+        optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = 0.1
+        scaler.scale((model.weight * torch.full((4,), gradient, device=device)).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return model.weight.detach()
+
+
+def test_a_skipped_first_fp16_step_leaves_fused_sgd_momentum_at_zero():
+    """torch's fused SGD makes its momentum with empty_like and skips its kernel on an overflow: the buffers are
+    zeros before the first step (optim.zero_momentum_buffers), so the next step is right. Fused SGD runs on CPU."""
+    assert torch.equal(_step_after_a_skipped_one(torch.device("cpu")), torch.full((1, 4), 0.9))
+
+
 def test_ema_update_copies_integer_buffers_with_one_multi_tensor_copy():
     model = build_model("resnet10_small", 3, width=8)
     ema = ModelEma(model, decay=0.9)
@@ -77,6 +100,11 @@ def test_warnings_for_a_driver_too_old_and_for_sync_bn_under_compile():
 
 
 # ---------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+def test_a_skipped_first_fp16_step_leaves_fused_sgd_momentum_at_zero_on_cuda():
+    assert torch.equal(_step_after_a_skipped_one(torch.device("cuda")).cpu(), torch.full((1, 4), 0.9))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["torchvision", "dali", "ffcv", "synthetic"])
