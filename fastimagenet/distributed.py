@@ -6,6 +6,7 @@ helper is a no-op, so the loop has no `if distributed` branches of its own.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -102,18 +103,40 @@ def average_buffers(module: nn.Module) -> None:
 
 def wrap_ddp(model: nn.Module, env: DistEnv, device: torch.device, bucket_mb: int, static_graph: bool) -> nn.Module:
     """DistributedDataParallel around a model already on its device in its final memory format (and before
-    torch.compile, so Dynamo can split the graph at the gradient buckets and overlap the all-reduces)."""
+    torch.compile, so Dynamo can split the graph at the gradient buckets and overlap the all-reduces).
+
+    Gradients live in the buckets (gradient_as_bucket_view: one copy less per step), which holds only while they are
+    zeroed in place: `keeps_gradients(module)` tells the step which zero_grad to call."""
     if env.world_size == 1:
         return model
     return nn.parallel.DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         bucket_cap_mb=bucket_mb,
-        gradient_as_bucket_view=True,  # gradients live in the buckets: one copy less per step
-        forward_sync_buffers=False,  # no per-step buffer broadcast (a collective and a compile graph break);
-        # BN statistics are averaged over the ranks before each evaluation instead (average_buffers)
+        gradient_as_bucket_view=True,
         static_graph=static_graph,
+        # no per-step buffer broadcast (a collective and a compile graph break); BN statistics are averaged over the
+        # ranks before each evaluation instead (average_buffers)
+        **no_forward_buffer_sync(inspect.signature(nn.parallel.DistributedDataParallel).parameters),
     )
+
+
+def no_forward_buffer_sync(ddp_parameters) -> dict:
+    """DDP's switch off for the buffer broadcast at every forward, in the torch at hand: `forward_sync_buffers`
+    from torch 2.13 on (which deprecates the other), `broadcast_buffers` before it. The old switch also skips the
+    broadcast of buffers at start-up, where every rank's are the same anyway (the same seed, or the same
+    checkpoint)."""
+    if "forward_sync_buffers" in ddp_parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def keeps_gradients(module: nn.Module) -> bool:
+    """Whether the step must zero the gradients in place rather than drop them (zero_grad(set_to_none=False)): under
+    DDP they are views into its all-reduce buckets, and a gradient set to None is a new tensor next step that DDP
+    copies into its bucket again (torch's DDP docs: set_to_none "destroys the bucket view alias every
+    iteration"). Alone, dropping them saves the memset."""
+    return isinstance(module, nn.parallel.DistributedDataParallel)
 
 
 def is_main_process() -> bool:

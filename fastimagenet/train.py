@@ -60,7 +60,7 @@ def train_step(run: Training, images: torch.Tensor, labels: torch.Tensor, accum_
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
         run.scaler.step(run.optimizer)
         run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=not run.keeps_gradients)
         if run.ema is not None:
             run.ema.update()
     return loss.detach()

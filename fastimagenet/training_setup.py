@@ -13,7 +13,7 @@ from torch import nn
 import loaders
 from fastimagenet.checkpoint import restore_rng_state, training_state
 from fastimagenet.config import Config, to_dict
-from fastimagenet.distributed import DistEnv, wrap_ddp
+from fastimagenet.distributed import DistEnv, keeps_gradients, wrap_ddp
 from fastimagenet.ema import ModelEma
 from fastimagenet.flops import TrainFlops
 from fastimagenet.models import Normalized, build_model
@@ -39,6 +39,7 @@ class Training:
     train_loader: Loader
     val_loader: Loader | None
     flops: TrainFlops
+    keeps_gradients: bool  # zero gradients in place, never drop them (DDP's bucket views: distributed.py)
 
     def state(self, epoch: int, best_top1: float, **extra) -> dict:
         """A checkpoint of the run as of the end of `epoch`."""
@@ -104,4 +105,5 @@ def build_training(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(
                                      plan.compiled_shapes)
     return Training(cfg=cfg, plan=plan, rt=rt, env=env, model=model, train_module=train_module, forward=forward,
                     optimizer=optimizer, scaler=scaler, ema=ema, ema_forward=ema_forward,
-                    train_loader=train_loader, val_loader=val_loader, flops=TrainFlops(make_model))
+                    train_loader=train_loader, val_loader=val_loader, flops=TrainFlops(make_model),
+                    keeps_gradients=keeps_gradients(train_module))

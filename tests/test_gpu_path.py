@@ -59,6 +59,18 @@ def test_a_skipped_first_fp16_step_leaves_fused_sgd_momentum_at_zero():
     assert torch.equal(_step_after_a_skipped_one(torch.device("cpu")), torch.full((1, 4), 0.9))
 
 
+def test_ddp_is_told_not_to_broadcast_buffers_in_the_words_of_the_torch_at_hand():
+    """torch >= 2.13 names it forward_sync_buffers; older torches (stock 2.11/2.12 containers) know only
+    broadcast_buffers, and would stop every multi-GPU run with a TypeError on the new name."""
+    import inspect
+
+    from fastimagenet.distributed import no_forward_buffer_sync
+
+    assert no_forward_buffer_sync(inspect.signature(nn.parallel.DistributedDataParallel).parameters) == {
+        "forward_sync_buffers": False}
+    assert no_forward_buffer_sync({"module": None, "broadcast_buffers": None}) == {"broadcast_buffers": False}
+
+
 def test_ema_update_copies_integer_buffers_with_one_multi_tensor_copy():
     model = build_model("resnet10_small", 3, width=8)
     ema = ModelEma(model, decay=0.9)
