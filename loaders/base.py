@@ -134,3 +134,11 @@ def to_device_nchw(images_nhwc: torch.Tensor, labels: torch.Tensor, device: torc
     pin what they hand over, or put it on the device themselves (then `.to` is a no-op)."""
     images = images_nhwc.to(device, non_blocking=images_nhwc.is_pinned()).permute(0, 3, 1, 2)
     return images, labels.to(device, non_blocking=labels.is_pinned())
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor made on the host, on the device without blocking the host: pinned first when the device is a GPU
+    (a pageable host->GPU copy is a host sync; torch's pinned allocator keeps the block until the copy has run)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=tensor.is_pinned())

@@ -52,7 +52,8 @@ from dataset_tools.verify import kept_samples
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
 from loaders.augment import crop_windows
-from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, rank_share, to_device_nchw
+from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device, rank_share,
+                          to_device_nchw)
 
 # What this backend reads, as PIL names the formats: the formats every backend keeps (DALI's decoders read these and
 # JPEG 2000, but not GIF).
@@ -283,10 +284,7 @@ class DaliLoader:
     def _epoch_labels(self, indices: list[int]) -> torch.Tensor:
         """The epoch's labels on the training device in one copy (batches take views): no per-step host->device
         copy, and from pinned memory on a GPU, so this one does not block the host either."""
-        labels = self._labels[indices]
-        if self.spec.device.type == "cuda":
-            labels = labels.pin_memory()
-        return labels.to(self.spec.device, non_blocking=labels.is_pinned())
+        return host_to_device(self._labels[indices], self.spec.device)
 
     def _started_pipeline(self, run: _Pass, indices: list[int]) -> Pipeline:
         """A pipeline whose file reader walks the pass's files in our order, fed each training sample's crop window

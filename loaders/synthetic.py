@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order
+from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device
 
 
 class SyntheticLoader:
@@ -38,9 +38,10 @@ class SyntheticLoader:
         shape = (self.batch_size, self.resolution, self.resolution, 3)
         # One batch made once per epoch and re-used: the point is to measure the model, not the generator.
         images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
-        images = images.to(self.spec.device).permute(0, 3, 1, 2)
+        # once an epoch, and without blocking the host (the sync-free step test crosses epochs)
+        images = host_to_device(images, self.spec.device).permute(0, 3, 1, 2)
         labels = epoch_order(len(self) * self.batch_size, self.spec.seed, self.epoch, True) % len(self.classes)
-        labels = labels.to(self.spec.device)
+        labels = host_to_device(labels, self.spec.device)
         per_rank = self.samples // self.spec.world_size
         for step in range(self.first_step, len(self)):
             batch = min(self.batch_size, per_rank - step * self.batch_size)

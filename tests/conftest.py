@@ -47,6 +47,14 @@ def isolated_settings(tmp_path_factory, monkeypatch):
         setattr(torch._dynamo.config, key, value)
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """The random order's seed, last, where a failure is read (`make test` is quiet, so pytest-randomly's own
+    header line is not shown)."""
+    if config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"test order: --randomly-seed={config.getoption('randomly_seed')} (pass it to "
+                                    "pytest to run this order again; -p no:randomly for the file order)")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
