@@ -169,6 +169,23 @@ def test_decode_threads_are_the_worker_budget(jpeg_dataset, monkeypatch):
     assert threads(3) == 3 and threads(3, dali_threads=2) == 2
 
 
+def test_gpu_decode_takes_a_few_threads_whatever_the_core_count(monkeypatch):
+    """On a 224-thread 8-GPU node the CPU share is 28 threads per rank (14 for val), each with ~470 MiB of padded
+    nvJPEG buffers when decoding on the GPU: there the default is a few threads; CPU decode keeps the share, and
+    loader.dali.threads or loader.workers, when set, are taken as they are."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(224)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+
+    def threads(train: bool, decode: str, workers: int = 0, dali_threads: int = 0) -> int:
+        spec = make_spec("", train=train, workers=workers)
+        spec.options.dali.threads = dali_threads
+        return dali_loader.decode_threads(spec, decode)
+
+    assert (threads(True, "mixed"), threads(False, "mixed")) == (6, 3)
+    assert (threads(True, "cpu"), threads(False, "cpu")) == (28, 14)
+    assert threads(True, "mixed", workers=12) == 12 and threads(False, "mixed", dali_threads=9) == 9
+
+
 def test_an_epoch_left_early_does_not_leak_into_the_next(jpeg_dataset):
     loader = loaders.build_loader("dali", dali_spec(jpeg_dataset / "train", batch_size=8))
     loader.set_epoch(4)
