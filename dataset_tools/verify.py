@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-import torch.distributed as dist
 from PIL import Image
 
 from dataset_tools.image_rules import KEPT_FORMATS, header_problem
 from dataset_tools.scan import FolderScan
 from fastimagenet.atomic import atomic_output
+from fastimagenet.distributed import wait_for_every_rank
 from fastimagenet.errors import UserError
 
 _CACHE_VERSION = 3  # 2: the pixel limit and the shared format list; 3: image sizes
@@ -90,17 +90,16 @@ class Kept(NamedTuple):
 
 def verified_samples(scan: FolderScan, formats: frozenset[str] = KEPT_FORMATS, local_rank: int = 0) -> Kept:
     """The scan's samples that decode (with their sizes), and {path: reason} for those that do not. With a process
-    group, local rank 0
-    verifies first and the others wait at a barrier (every rank meets it once), then find its verdicts in the cache;
-    they verify only what it could not cache."""
-    waits = dist.is_available() and dist.is_initialized()
-    if waits and local_rank != 0:
-        dist.barrier()  # until this node's local rank 0 has written the cache
+    group, local rank 0 verifies first and the others wait at a barrier (every rank meets it once), then find its
+    verdicts in the cache; they verify only what it could not cache."""
+    # In the store, not an NCCL barrier: a first verification may outlast the process group's timeout.
+    if local_rank != 0:
+        wait_for_every_rank("verification")  # until every node's local rank 0 has written its cache
     try:
         return _verify(scan, formats)
     finally:
-        if waits and local_rank == 0:
-            dist.barrier()  # release this node's other ranks (and meet the other nodes' ranks)
+        if local_rank == 0:
+            wait_for_every_rank("verification")  # release this node's other ranks (and meet the other nodes')
 
 
 def kept_samples(scan: FolderScan, what: str, strict: bool = False, local_rank: int = 0, report: bool = True,

@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 import weakref
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -293,13 +294,18 @@ def test_out_of_memory_names_what_to_lower():
     assert isinstance(error, UserError) and "loader.dali.threads" in str(error) and "batch size" in str(error)
 
 
-def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str) -> None:
+def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str, slower_than_the_group: bool) -> None:
     os.environ["FASTIMAGENET_CACHE"] = cache
     checked = []
     real = verify.inspect_image
     verify.inspect_image = lambda path, formats: checked.append(path) or real(path, formats)
+    timeout = timedelta(minutes=30)
+    if slower_than_the_group:  # local rank 0's verification outlasts the process group's timeout
+        timeout, verify_ = timedelta(seconds=1), verify._verify
+        if rank == 0:
+            verify._verify = lambda *args: time.sleep(3) or verify_(*args)
     store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False)  # the test's own, see below
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timeout)
     try:
         good, bad, _ = verify.verified_samples(scan_image_folder(root), DALI_FORMATS, local_rank=rank)
     finally:
@@ -307,12 +313,16 @@ def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str) -> No
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"checked": len(checked), "good": good, "bad": bad}))
 
 
-def test_one_process_per_node_verifies_the_others_read_its_cache(folder_with_bad_files, tmp_path):
+@pytest.mark.parametrize("slower_than_the_group", [False, True])
+def test_one_process_per_node_verifies_the_others_read_its_cache(folder_with_bad_files, tmp_path,
+                                                                  slower_than_the_group):
+    """The others wait in the store, not in a collective: a verification that outlasts the process group's timeout
+    (a first run over a large dataset on a slow filesystem) does not time them out."""
     # The ranks meet at a store on a port the OS gives it as it binds (0): none is picked first and bound later,
     # when another process may have taken it
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    mp.spawn(_verify_as_rank, args=(store.port, str(folder_with_bad_files), str(tmp_path / "cache"), str(tmp_path)),
-             nprocs=2)
+    mp.spawn(_verify_as_rank, args=(store.port, str(folder_with_bad_files), str(tmp_path / "cache"), str(tmp_path),
+                                    slower_than_the_group), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [rank["checked"] for rank in ranks] == [99, 0]  # local rank 1 waited for local rank 0's cache
     assert ranks[0]["good"] == ranks[1]["good"] and ranks[0]["bad"] == ranks[1]["bad"]
