@@ -142,3 +142,30 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=tensor.is_pinned())
+
+
+def copied_ahead(host_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Host batches (pinned uint8 NHWC images, labels) on the device, as `to_device_nchw` gives them. On a GPU the
+    copy of each batch runs on a side stream, issued before the batch ahead of it is handed out, so it overlaps that
+    batch's training step instead of queueing in front of the next one on the compute stream. The compute stream
+    waits for a copy (on the device: the host never waits) before its batch is handed out, and the tensors are
+    marked as used there, so the allocator does not give their memory to the side stream while the step reads it.
+    One batch more lives on the device."""
+    if device.type != "cuda":
+        for images, labels in host_batches:
+            yield to_device_nchw(images, labels, device)
+        return
+    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    ready = None
+    for images, labels in host_batches:
+        with torch.cuda.stream(side):
+            copied = to_device_nchw(images, labels, device)  # runs during the step on `ready`
+        if ready is not None:
+            yield ready
+        compute.wait_stream(side)  # after that step, before the next: this copy only
+        for tensor in copied:
+            tensor.record_stream(compute)
+        ready = copied
+    if ready is not None:
+        yield ready

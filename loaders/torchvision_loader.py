@@ -3,7 +3,8 @@
 Speed comes from what the plain ImageFolder pipeline does not do:
 - JPEGs are decoded in the DCT domain at 1/2, 1/4 or 1/8 scale whenever the crop allows, straight into the crop at
   the output size (loaders/image_decode.py), and flips happen after the resize;
-- batches stay uint8 NHWC to the device, where the loop normalises them.
+- batches stay uint8 NHWC to the device, where the loop normalises them; on a GPU each is copied there on a side
+  stream while the step before it runs (loaders/base.py: copied_ahead).
 
 The (resolution, batch size) of an epoch travel inside the sampler's requests, so `reconfigure` reaches persistent
 workers without re-spawning them.
@@ -24,8 +25,8 @@ from dataset_tools.verify import kept_samples
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
 from loaders.augment import center_crop_box, train_crop
-from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, local_world_size, rank_share,
-                          to_device_nchw)
+from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, copied_ahead, epoch_order,
+                          local_world_size, rank_share)
 from loaders.image_decode import decode_crop, single_threaded_worker
 
 # How many following samples to try in place of an unreadable one, so an epoch never dies on one bad file.
@@ -171,6 +172,10 @@ class TorchvisionLoader:
         self._sampler.resolution, self._sampler.batch_size = resolution, per_rank
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return copied_ahead(self._host_batches(), self.spec.device)
+
+    def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The DataLoader's batches, their unreadable files recorded (or, strict, an error)."""
         new = {}
         for images, labels, failures in self._loader:
             for path, reason in failures:
@@ -178,7 +183,7 @@ class TorchvisionLoader:
                     raise UserError(f"{path}: unreadable image ({reason}); set data.strict=false to skip such files")
                 if path not in self.skipped:
                     new[path] = self.skipped[path] = reason
-            yield to_device_nchw(images, labels, self.spec.device)
+            yield images, labels
         if new:
             listing = "\n".join(f"  {path}: {reason}" for path, reason in list(new.items())[:10])
             print(f"warning: {len(new)} unreadable images replaced by their neighbours "

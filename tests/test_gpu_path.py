@@ -3,6 +3,8 @@ on a machine with CUDA): no host-device sync in a steady training step, for ever
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -14,9 +16,8 @@ from fastimagenet.optim import build_optimizer
 from fastimagenet.plan import build_plan
 from fastimagenet.runtime import (Runtime, compile_module, missing_cuda_warning, recompile_limit, resolve_runtime,
                                   sync_bn_compile_warning)
-from fastimagenet.train import train_step
 from fastimagenet.training_setup import build_training
-from tests.conftest import TINY_RUN, data_path
+from tests.conftest import LEARNING_RUN, TINY_RUN, assert_batches_leave_the_stream_busy, data_path, train
 
 
 # ---------------------------------------------------------------------------------------------- decisions (CPU)
@@ -117,34 +118,140 @@ def test_a_skipped_first_fp16_step_leaves_fused_sgd_momentum_at_zero_on_cuda():
     assert torch.equal(_step_after_a_skipped_one(torch.device("cuda")).cpu(), torch.full((1, 4), 0.9))
 
 
+EVERY_BACKEND = ["torchvision", "dali", "ffcv", "synthetic"]
+
+
+def _cuda_training(name: str, data, tmp_path, *overrides: str):
+    """A CUDA run's training set-up (no validation) on `name`'s form of the tiny JPEG set."""
+    train = data_path(name, data / "train", tmp_path)
+    cfg = load_config(None, [*TINY_RUN, f"loader.name={name}", f"data.train={train}", "runtime.device=cuda",
+                             "optim.ema_decay=0.9", "loader.synthetic_samples=96", "data.num_classes=4", *overrides])
+    return build_training(cfg, build_plan(cfg), resolve_runtime(cfg), with_val=False)
+
+
+class _SyncsRaise:
+    """A training loader under which torch raises on any synchronising CUDA call from batch `first` of an epoch
+    until its last batch has been trained on: what train_one_epoch does per step, fetching the next batch
+    included. Its deliberate syncs lie outside (the throughput clock at step 2, the epoch's end)."""
+
+    def __init__(self, inner, first: int):
+        self.inner, self.first = inner, first
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        try:
+            for step, batch in enumerate(self.inner):
+                if step == self.first:
+                    torch.cuda.set_sync_debug_mode("error")
+                yield batch
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["torchvision", "dali", "ffcv", "synthetic"])
-def test_steady_state_training_steps_never_sync_the_host(name, precision, jpeg_dataset, tmp_path):
-    """20 training steps (loader, forward, backward, optimizer, EMA) after warm-up, with torch raising on any
-    synchronising call: a pageable copy, an .item(), a blocking stream wait."""
-    train = data_path(name, jpeg_dataset / "train", tmp_path)
-    cfg = load_config(None, [*TINY_RUN, f"loader.name={name}", f"data.train={train}", "runtime.device=cuda",
-                             f"runtime.precision={precision}", "schedule.stages=0,32,8", "epochs=1",
-                             "optim.ema_decay=0.9", "loader.synthetic_samples=64", "data.num_classes=4"])
-    run = build_training(cfg, build_plan(cfg), resolve_runtime(cfg), with_val=False)
-    run.train_module.train()
+@pytest.mark.parametrize("name", EVERY_BACKEND)
+def test_compiled_epochs_never_sync_the_host_between_their_deliberate_syncs(name, precision, jpeg_dataset, tmp_path):
+    """Two compiled epochs at two shapes through train_one_epoch (LR per step, loss accumulation, EMA, the loader's
+    next batch) with torch raising on any synchronising call after each epoch's warm-up: a pageable copy, an
+    .item(), a blocking stream wait. runtime.log_interval is past the epoch, so its one read is not in the way."""
+    from fastimagenet.preemption import StopSignals
+    from fastimagenet.train import train_one_epoch
 
-    def batches():
-        epoch = 0
-        while True:
-            run.train_loader.set_epoch(epoch)
-            yield from run.train_loader
-            epoch += 1
+    run = _cuda_training(name, jpeg_dataset, tmp_path, f"runtime.precision={precision}", "runtime.compile=true",
+                         "schedule.stages=0,32,8;1,48,8", "epochs=2", "runtime.log_interval=1000")
+    run.train_loader = _SyncsRaise(run.train_loader, first=3)
+    with StopSignals([], 30) as stop:
+        for row in run.plan.rows:
+            run.train_loader.reconfigure(row.resolution, row.micro_batch)
+            run.train_loader.set_epoch(row.epoch)
+            result = train_one_epoch(run, row, stop)
+            assert math.isfinite(result.loss)
 
-    stream = batches()
-    for _ in range(5):  # warm-up: workers, cuDNN autotuning, allocator pools
-        train_step(run, *next(stream), accum_steps=1, update=True)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", EVERY_BACKEND)
+def test_batches_come_while_a_long_kernel_keeps_the_stream_busy(name, jpeg_dataset, tmp_path):
+    """A host wait inside a loader, which torch's sync debug mode cannot see (DALI's, FFCV's own threads), would
+    let the kernel finish before the batches came."""
+    run = _cuda_training(name, jpeg_dataset, tmp_path, "schedule.stages=0,32,2", "epochs=1")
+    assert_batches_leave_the_stream_busy(iter(run.train_loader))
+
+
+@pytest.mark.gpu
+def test_batches_copied_ahead_on_a_side_stream_are_the_host_batches():
+    from loaders.base import copied_ahead
+
+    host = [(torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8).pin_memory(), torch.arange(4).pin_memory())
+            for _ in range(5)]
+    out = list(copied_ahead(iter(host), torch.device("cuda")))
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(20):
-            loss = train_step(run, *next(stream), accum_steps=1, update=True)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert torch.isfinite(loss).item()
+    assert len(out) == 5
+    for (images, labels), (on_device, labels_there) in zip(host, out):
+        assert on_device.is_cuda and on_device.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(on_device.cpu(), images.permute(0, 3, 1, 2)) and torch.equal(labels_there.cpu(), labels)
+
+
+@pytest.mark.gpu
+def test_a_compiled_cuda_run_with_ema_learns_across_a_shape_change_and_evaluates_both_models(jpeg_dataset, tmp_path):
+    """Train, eval and EMA graphs compiled, a new training shape in epoch 2, both models validated each epoch."""
+    metrics = train("torchvision", jpeg_dataset, tmp_path / "run", "runtime.device=cuda", "runtime.compile=true",
+                    "epochs=4", "schedule.stages=0,32,16;2,48,16", "optim.ema_decay=0.9")
+    assert [m["resolution"] for m in metrics] == [32, 32, 48, 48]
+    assert metrics[-1]["val_top1"] >= 0.6 and math.isfinite(metrics[-1]["ema_val_loss"])
+
+
+@pytest.mark.gpu
+def test_a_cuda_run_stopped_inside_an_epoch_resumes_there(jpeg_dataset, tmp_path, monkeypatch, capsys):
+    """SIGTERM at epoch 1, step 3, then `--resume`: it continues at that step and ends with every epoch once. (On a
+    GPU the float sums are not bit-identical from run to run, so the figures are compared loosely.)"""
+    import signal
+
+    import loaders
+    from fastimagenet.cli import main
+    from fastimagenet.metrics import read_metrics
+    from tests.step_signals import signalling_build
+
+    args = ["train", "--loader", "torchvision", f"data.train={jpeg_dataset / 'train'}",
+            f"data.val={jpeg_dataset / 'val'}", *LEARNING_RUN, "runtime.device=cuda", "runtime.compile=true",
+            "epochs=3", "schedule.stages=0,32,8", "runtime.preempt_grace_s=600"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert main([*args, f"runtime.out_dir={full}"]) == 0
+    build = loaders.build_loader
+    monkeypatch.setattr(loaders, "build_loader", signalling_build(build, 1, 3, signal.SIGTERM))
+    assert main([*args, f"runtime.out_dir={stopped}"]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(loaders, "build_loader", build)
+    assert main(["train", "--resume", str(stopped)]) == 0
+    assert "(resuming at epoch 1, step 5)" in capsys.readouterr().out
+    a, b = read_metrics(full), read_metrics(stopped)
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torchvision", "dali"])
+def test_torchrun_trains_on_two_gpus_with_nccl(name, jpeg_dataset, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from pathlib import Path
+    import sys
+
+    from fastimagenet.metrics import read_metrics
+    from tests.processes import run_to_end
+
+    out = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
+               "fastimagenet", "train", "--loader", name, f"data.train={jpeg_dataset / 'train'}",
+               f"data.val={jpeg_dataset / 'val'}", f"runtime.out_dir={out}", *LEARNING_RUN, "runtime.device=cuda",
+               "epochs=3", "schedule.stages=0,32,16"]
+    result = run_to_end(command, tmp_path / "torchrun.log")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "cuda:0 x 2 process(es)" in result.stdout
+    metrics = read_metrics(out)
+    assert [m["val_images"] for m in metrics] == [32] * 3 and metrics[-1]["val_top1"] >= 0.5
