@@ -14,7 +14,8 @@
   here keeps the order identical to the other backends and also works with quasi-random order, which FFCV's
   distributed mode does not support.
 - As in FFCV, a batch lives in a buffer that is reused a few batches later: consume it before asking for more
-  (the training loop does).
+  (the training loop does). On a GPU a slot's pinned host buffer is reused only once the copy out of it has run
+  (FFCV guards only the device buffer), and host buffers FFCV could not pin are reported.
 - FFCV's epoch thread is given the loader's GPU as its current device (_DeviceEpochIterator), so a torchrun
   process never opens a CUDA context on another process's GPU.
 - Threads: FFCV's `Compiler.set_num_threads` sets numba's *and torch's* thread count of the thread that calls it
@@ -27,6 +28,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from queue import Full
 from typing import Callable, Iterator
@@ -145,7 +147,10 @@ class _DeviceEpochIterator(EpochIterator):
         self.gpu = _gpu_index(device)  # read here, in the caller's thread, where FFCV also makes its streams
         self.windows, self.window_node = windows, window_node
         self.error: BaseException | None = None
+        self.copied: dict[int, torch.cuda.Event] = {}  # batch slot -> its last host->device copy, once enqueued
         super().__init__(loader, order)  # starts the thread
+        if self.gpu is not None and self.cuda_streams[0] is not None:  # FFCV makes streams when CUDA is there
+            warn_if_unpinned(self.memory_allocations["operation"])
 
     def run(self) -> None:
         # FFCV's thread dies silently on an error and leaves the consumer waiting for ever: end the epoch instead,
@@ -172,9 +177,47 @@ class _DeviceEpochIterator(EpochIterator):
             raise
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        """One batch into its slot. FFCV's events keep a slot's *device* buffers until the training step has read
+        them, but nothing keeps its pinned *host* buffers until the copy out of them has run: a CPU more than a
+        slot cycle ahead of the GPU (a small model, a busy stream) would decode the next batch over a batch whose
+        copy is still queued. So this thread (never the training thread) first waits for that copy."""
+        if batch_slot in self.copied:
+            wait_until_done(self.copied[batch_slot])
         if self.windows is not None:
             WindowCropDecoder.fill(self.memory_allocations, self.window_node, batch_slot, self.windows(batch_indices))
-        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        if self.gpu is not None and self.cuda_streams[batch_slot] is not None:  # the copies ran on this stream
+            self.copied[batch_slot] = torch.cuda.Event()
+            self.copied[batch_slot].record(self.cuda_streams[batch_slot])
+        return result
+
+
+def wait_until_done(event) -> None:
+    """A host wait for an event, by polling: it runs in FFCV's epoch thread, and a polled query is not a blocking
+    CUDA call (which torch's sync debug mode, used by the GPU tests, would flag anywhere in the process)."""
+    while not event.query():
+        time.sleep(50e-6)
+
+
+def unpinned_host_bytes(buffers: dict) -> int:
+    """Bytes of host buffers (FFCV's per-operation allocations: tensors, numpy arrays, tuples or lists of them)
+    that are not in pinned memory. FFCV tries to pin each and, when that fails (the locked-memory limit, no pinned
+    memory left), silently keeps pageable memory, and then every copy to the GPU is a host sync."""
+    total = 0
+    for value in buffers.values():
+        for buffer in value if isinstance(value, (tuple, list)) else [value]:
+            tensor = torch.from_numpy(buffer) if isinstance(buffer, np.ndarray) else buffer
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and not tensor.is_pinned():
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def warn_if_unpinned(buffers: dict) -> None:
+    unpinned = unpinned_host_bytes(buffers)
+    if unpinned:
+        print(f"warning: FFCV could not pin {unpinned / 2**20:,.0f} MiB of its host buffers, so each batch's copy "
+              "to the GPU blocks the training thread; raise the locked-memory limit (`ulimit -l unlimited`, docker "
+              "`--ulimit memlock=-1`) or lower the batch size")
 
 
 class FfcvLoader:

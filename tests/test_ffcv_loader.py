@@ -26,7 +26,7 @@ from fastimagenet.cli import main
 from fastimagenet.config import DataConfig, FfcvOptions, LoaderConfig, load_config
 from fastimagenet.errors import UserError
 from loaders.augment import crop_windows
-from loaders.ffcv_loader import _gpu_index
+from loaders.ffcv_loader import _gpu_index, unpinned_host_bytes
 from tests.conftest import TINY_RUN, PacedClock, make_spec, train
 
 
@@ -261,6 +261,30 @@ gpus = [i for i in range(torch.cuda.device_count()) if torch._C._cuda_hasPrimary
 with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as out:
     json.dump({"status": status, "gpus": gpus}, out)
 """
+
+
+def test_host_buffers_left_unpinned_are_counted_for_the_warning():
+    """FFCV falls back to pageable memory without a word when pinning fails; the loader counts what is unpinned
+    (here, on a CPU, nothing is pinned) and warns on a GPU, where each such copy would block the host."""
+    buffers = {1: (torch.zeros(4, dtype=torch.uint8), np.zeros(8, np.uint8)), 2: None, 3: [torch.zeros(2)]}
+    assert unpinned_host_bytes(buffers) == 4 + 8 + 2 * 4
+
+
+@pytest.mark.gpu
+def test_batches_taken_while_the_gpu_lags_hold_their_own_images(betons):
+    """With the compute stream held back by a long kernel, the epoch thread runs a slot cycle and more ahead of
+    the copies: each batch must still hold its own pixels (the pinned host slot is reused only once its copy has
+    run), and FFCV's host buffers are pinned."""
+    spec = ffcv_spec(betons / "val.beton", train=False, batch_size=2)
+    on_cpu = [images.clone() for images, _ in loaders.build_loader("ffcv", spec)]
+    spec.device = torch.device("cuda")
+    batches = iter(loaders.build_loader("ffcv", spec))
+    assert unpinned_host_bytes(batches.memory_allocations["operation"]) == 0
+    torch.cuda._sleep(2_000_000_000)  # clock cycles: the copies queue behind it
+    on_gpu = [images.clone() for images, _ in batches]  # the clones queue too
+    torch.cuda.synchronize()
+    assert len(on_gpu) == len(on_cpu) == 16
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(on_gpu, on_cpu))
 
 
 @pytest.mark.gpu
