@@ -15,13 +15,21 @@ dataset_tools/image_rules.py) so that a file changed since is refused before any
 
 from __future__ import annotations
 
+import sys
+
 import cv2
 import numpy as np
 from PIL import Image
 
 from dataset_tools.image_rules import header_problem, to_plain_mode
-from loaders._jpeg_roi import Error as JpegError, decode_region
 from loaders.augment import Box, pixel_window
+
+try:
+    from loaders._jpeg_roi import Error as JpegError, decode_region
+except ImportError:  # a checkout never built (no compiler, no libjpeg-dev): everything decodes through PIL
+    decode_region = JpegError = None
+    print("notice: the JPEG region decoder (loaders/_jpeg_roi.c) is not built, so JPEGs decode whole through PIL "
+          "(slower); `pip install -e .` builds it (needs gcc and libjpeg-dev)", file=sys.stderr)
 
 _DCT_SCALES = (1, 2, 4, 8)  # the reductions libjpeg-turbo's fast (SIMD) inverse DCTs give
 _AREA_FROM = 1.5  # the shrink from which the resize averages areas instead of interpolating (see _jpeg_crop)
@@ -44,7 +52,8 @@ def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
             raise UnreadableImage(problem)
         width, height = img.size
         box = box_of(width, height)
-        if img.format != "JPEG" or img.mode == "CMYK":  # libjpeg does not convert CMYK to RGB; PIL does
+        # libjpeg does not convert CMYK to RGB; PIL does
+        if decode_region is None or img.format != "JPEG" or img.mode == "CMYK":
             return _pil_crop(img, box, size, flip)
     return _jpeg_crop(path, box, size, flip)
 

@@ -135,3 +135,29 @@ def test_crops_stay_close_to_a_high_quality_reference(tmp_path, size):
             reference = np.asarray(whole.resize((size, size), Image.LANCZOS, box=box)).astype(float)
             figures.append(_psnr(decode_crop(str(path), lambda w, h: box, size, flip=False), reference))
     assert min(figures) >= FLOOR_DB and np.mean(figures) >= MEAN_FLOOR_DB[size], (min(figures), np.mean(figures))
+
+
+# A checkout whose C extension was never built (a stock GPU container without a compiler): the import of the
+# region decoder fails, as it would there.
+_WITHOUT_THE_EXTENSION = """
+import sys
+sys.modules["loaders._jpeg_roi"] = None  # import fails with ImportError
+from loaders.image_decode import decode_crop
+image = decode_crop(sys.argv[1], lambda w, h: (0, 0, w, h), 16, flip=False)
+print(image.shape, image.dtype)
+"""
+
+
+def test_without_the_built_region_decoder_jpegs_decode_through_pil_with_a_notice(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    path = tmp_path / "a.jpg"
+    Image.fromarray(photo_like(np.random.default_rng(0), 1, 4, 64, 48)).save(path, quality=90)
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_THE_EXTENSION, str(path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "(16, 16, 3) uint8"
+    assert "notice: the JPEG region decoder (loaders/_jpeg_roi.c) is not built" in done.stderr
