@@ -208,6 +208,17 @@ def cmd_show_batch(args) -> None:
     print(show_batch(cfg, out, not args.val, args.resolution, args.batch_size))
 
 
+def cmd_selfcheck(args) -> None:
+    from fastimagenet.selfcheck import run_selfcheck
+
+    print(f"{'check':<44} {'result':<8} figure")
+    checks = run_selfcheck(Path(args.json))
+    failed = [check.name for check in checks if check.result == "FAILED"]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks ok or skipped; JSON: {args.json}")
+    if failed:
+        raise UserError(f"selfcheck: {len(failed)} checks failed: {', '.join(failed)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastimagenet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -383,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="key=value",
                       help="Config overrides, e.g. data.scale=0.35,1 loader.workers=1.")
     show.set_defaults(func=cmd_show_batch)
+
+    check = sub.add_parser("selfcheck", help="The first minutes on a new machine: what is installed, the GPU path "
+                                             "(no host syncs in compiled bf16/fp16 epochs, loaders that never make "
+                                             "the host wait, the fp16 first step) and bench train per backend, on "
+                                             "JPEGs it writes itself; a table, and the same as JSON.")
+    check.add_argument("--json", default="selfcheck.json", help="Where to write the results as JSON.")
+    check.set_defaults(func=cmd_selfcheck)
 
     lr_find = sub.add_parser("lr-find", help="LR range test on a recipe: plots loss vs LR and suggests optim.lr "
                                              "(writes only the plot, no run directory or checkpoint).")

@@ -43,6 +43,15 @@ def _backend_module(name: str):
         raise UserError(f"the '{name}' loader needs '{exc.name}', which is not installed: {install}") from None
 
 
+def missing_package(name: str) -> str | None:
+    """None when the backend `name` imports, else the message naming what it lacks and how to install it."""
+    try:
+        _backend_module(name)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def check_data_path(name: str, spec: LoaderSpec) -> None:
     """An unset path must not reach a backend: read as a path, "" is the current directory. Checked here, once for
     every backend and every command, naming the setting that is missing."""

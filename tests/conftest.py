@@ -142,21 +142,3 @@ def make_spec(path, train=True, resolution=32, batch_size=4, workers=1, name="to
                       device=torch.device("cpu"), augment=DataConfig(), options=LoaderConfig(name=name, workers=workers),
                       **kwargs)
 
-
-def assert_batches_leave_the_stream_busy(batches, steps: int = 20) -> None:
-    """`steps` batches after warm-up under torch's sync debug mode "error", while a long kernel keeps the current
-    stream busy: every batch must come (and be used) with that kernel still running. A host wait inside a loader,
-    which torch's debug mode cannot see, would have let the kernel finish."""
-    for _ in range(5):  # warm-up: workers or pipelines start, first allocations
-        next(batches)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(5_000_000_000)  # clock cycles: a few seconds of a busy stream
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(steps):
-            images, labels = next(batches)
-            images.float().mean().add_(labels.sum())  # device work on the batch, as a training step does
-        still_busy = not torch.cuda.current_stream().query()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert still_busy

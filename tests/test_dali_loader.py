@@ -26,7 +26,8 @@ from fastimagenet.errors import UserError
 from loaders import dali_loader
 from loaders.dali_loader import (DALI_FORMATS, Handover, decoder_options, dali_failure, handover, output_stream,
                                  pipeline_error)
-from tests.conftest import assert_batches_leave_the_stream_busy, make_spec, train
+from fastimagenet.selfcheck import stream_stays_busy
+from tests.conftest import make_spec, train
 
 
 def dali_spec(path, device="cpu", **kwargs):
@@ -389,7 +390,7 @@ def test_steady_state_batches_never_make_the_host_wait(jpeg_dataset, decode):
     spec = cuda_spec(jpeg_dataset / "train", batch_size=2)  # 48 batches an epoch
     spec.options.dali.device = decode
     batches = iter(loaders.build_loader("dali", spec))
-    assert_batches_leave_the_stream_busy(batches)
+    assert stream_stays_busy(batches)
     batches.close()
 
 

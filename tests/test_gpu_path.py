@@ -17,7 +17,8 @@ from fastimagenet.plan import build_plan
 from fastimagenet.runtime import (Runtime, compile_module, missing_cuda_warning, recompile_limit, resolve_runtime,
                                   sync_bn_compile_warning)
 from fastimagenet.training_setup import build_training
-from tests.conftest import LEARNING_RUN, TINY_RUN, assert_batches_leave_the_stream_busy, data_path, train
+from fastimagenet.selfcheck import epochs_without_host_syncs, momentum_after_a_skipped_step, stream_stays_busy
+from tests.conftest import LEARNING_RUN, TINY_RUN, data_path, train
 
 
 # ---------------------------------------------------------------------------------------------- decisions (CPU)
@@ -37,27 +38,10 @@ def test_optimizers_are_fused_on_cuda_only():
         assert not build_optimizer(params, optim, torch.device("cpu")).defaults["fused"]
 
 
-def _step_after_a_skipped_one(device: torch.device) -> torch.Tensor:
-    """A weight of ones after an optimizer step skipped for an overflow (as fp16's first often is), then a real one
-    with gradient 1 at LR 0.1: 0.9 whatever the memory the optimizer's buffers were made from held before."""
-    torch.full((4096,), -535.0, device=device).sum()  # freed memory that uninitialised momentum would read
-    model = nn.Linear(4, 1, bias=False).to(device)
-    nn.init.ones_(model.weight)
-    optimizer = build_optimizer(model, OptimConfig(name="sgd", momentum=0.9, weight_decay=0.0), torch.device("cuda"))
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
-    for gradient in (float("inf"), 1.0):
-        optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = 0.1
-        scaler.scale((model.weight * torch.full((4,), gradient, device=device)).sum()).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-    return model.weight.detach()
-
-
 def test_a_skipped_first_fp16_step_leaves_fused_sgd_momentum_at_zero():
     """torch's fused SGD makes its momentum with empty_like and skips its kernel on an overflow: the buffers are
     zeros before the first step (optim.zero_momentum_buffers), so the next step is right. Fused SGD runs on CPU."""
-    assert torch.equal(_step_after_a_skipped_one(torch.device("cpu")), torch.full((1, 4), 0.9))
+    assert torch.equal(momentum_after_a_skipped_step(torch.device("cpu")), torch.full((1, 4), 0.9))
 
 
 def test_ddp_is_told_not_to_broadcast_buffers_in_the_words_of_the_torch_at_hand():
@@ -115,7 +99,7 @@ def test_warnings_for_a_driver_too_old_and_for_sync_bn_under_compile():
 # ---------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
 def test_a_skipped_first_fp16_step_leaves_fused_sgd_momentum_at_zero_on_cuda():
-    assert torch.equal(_step_after_a_skipped_one(torch.device("cuda")).cpu(), torch.full((1, 4), 0.9))
+    assert torch.equal(momentum_after_a_skipped_step(torch.device("cuda")).cpu(), torch.full((1, 4), 0.9))
 
 
 EVERY_BACKEND = ["torchvision", "dali", "ffcv", "synthetic"]
@@ -129,30 +113,6 @@ def _cuda_training(name: str, data, tmp_path, *overrides: str):
     return build_training(cfg, build_plan(cfg), resolve_runtime(cfg), with_val=False)
 
 
-class _SyncsRaise:
-    """A training loader under which torch raises on any synchronising CUDA call from batch `first` of an epoch
-    until its last batch has been trained on: what train_one_epoch does per step, fetching the next batch
-    included. Its deliberate syncs lie outside (the throughput clock at step 2, the epoch's end)."""
-
-    def __init__(self, inner, first: int):
-        self.inner, self.first = inner, first
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __iter__(self):
-        try:
-            for step, batch in enumerate(self.inner):
-                if step == self.first:
-                    torch.cuda.set_sync_debug_mode("error")
-                yield batch
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", EVERY_BACKEND)
@@ -160,18 +120,9 @@ def test_compiled_epochs_never_sync_the_host_between_their_deliberate_syncs(name
     """Two compiled epochs at two shapes through train_one_epoch (LR per step, loss accumulation, EMA, the loader's
     next batch) with torch raising on any synchronising call after each epoch's warm-up: a pageable copy, an
     .item(), a blocking stream wait. runtime.log_interval is past the epoch, so its one read is not in the way."""
-    from fastimagenet.preemption import StopSignals
-    from fastimagenet.train import train_one_epoch
-
     run = _cuda_training(name, jpeg_dataset, tmp_path, f"runtime.precision={precision}", "runtime.compile=true",
                          "schedule.stages=0,32,8;1,48,8", "epochs=2", "runtime.log_interval=1000")
-    run.train_loader = _SyncsRaise(run.train_loader, first=3)
-    with StopSignals([], 30) as stop:
-        for row in run.plan.rows:
-            run.train_loader.reconfigure(row.resolution, row.micro_batch)
-            run.train_loader.set_epoch(row.epoch)
-            result = train_one_epoch(run, row, stop)
-            assert math.isfinite(result.loss)
+    assert all(math.isfinite(loss) for loss in epochs_without_host_syncs(run))
 
 
 @pytest.mark.gpu
@@ -180,7 +131,7 @@ def test_batches_come_while_a_long_kernel_keeps_the_stream_busy(name, jpeg_datas
     """A host wait inside a loader, which torch's sync debug mode cannot see (DALI's, FFCV's own threads), would
     let the kernel finish before the batches came."""
     run = _cuda_training(name, jpeg_dataset, tmp_path, "schedule.stages=0,32,2", "epochs=1")
-    assert_batches_leave_the_stream_busy(iter(run.train_loader))
+    assert stream_stays_busy(iter(run.train_loader))
 
 
 @pytest.mark.gpu
