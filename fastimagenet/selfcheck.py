@@ -51,6 +51,7 @@ def momentum_after_a_skipped_step(device: torch.device) -> torch.Tensor:
     torch.full((4096,), -535.0, device=device).sum()  # freed memory that uninitialised momentum would read
     model = nn.Linear(4, 1, bias=False).to(device)
     nn.init.ones_(model.weight)
+    # built as for CUDA, so fused (torch's fused SGD runs on a CPU too)
     optimizer = build_optimizer(model, OptimConfig(name="sgd", momentum=0.9, weight_decay=0.0), torch.device("cuda"))
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
     for gradient in (float("inf"), 1.0):
@@ -179,8 +180,7 @@ def run_selfcheck(out: Path | None = None, say: Callable[[str], None] = print) -
     add(Check("torch", "ok", f"{torch.__version__} (CUDA {torch.version.cuda}); {device}"))
     backends = installed_backends()
     for name, install in backends.items():
-        add(Check(f"backend {name}", "ok" if install is None else "skipped",
-                  "installed" if install is None else f"not installed: {install}"))
+        add(Check(f"backend {name}", "ok" if install is None else "skipped", install or "installed"))
     region = image_decode.decode_region is not None
     add(Check("JPEG region decoder", "ok" if region else "skipped",
               "built" if region else "not built: JPEGs decode through PIL (`pip install -e .` with gcc, libjpeg-dev)"))

@@ -40,8 +40,8 @@ def test_selfcheck_in_a_stock_pytorch_environment_lists_what_is_missing_and_chec
     done = run_to_end([sys.executable, "-c", _STOCK, str(tmp_path / "s.json")], tmp_path / "selfcheck.log")
     assert done.returncode == 0, done.stdout[-3000:]
     results = _results(tmp_path / "s.json")
-    assert results["backend dali"] == ("skipped", "not installed: the 'dali' loader needs 'nvidia.dali', which is "
-                                                  "not installed: pip install nvidia-dali-cuda120")
+    assert results["backend dali"] == ("skipped", "the 'dali' loader needs 'nvidia.dali', which is not installed: "
+                                                  "pip install nvidia-dali-cuda120")
     assert results["backend ffcv"][0] == "skipped" and "pip install ffcv" in results["backend ffcv"][1]
     assert results["JPEG region decoder"][0] == "skipped"
     assert results["bench train resnet10_small, torchvision"][0] == "ok"
