@@ -69,12 +69,29 @@ class Started:
             raise AssertionError(f"{self.what} did not end within {timeout:g} s (a hang?); {self._tail()}") from None
 
     def kill(self) -> None:
-        """Ends the process and everything it started (its session's group), if anything is left."""
+        """Ends the process and everything it started (its session's group), if anything is left, and returns once
+        all of them are gone (SIGKILL is delivered asynchronously)."""
         try:
             os.killpg(self.popen.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.popen.wait()
+        deadline = time.monotonic() + HANG_GUARD_S
+        while living_members(self.popen.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def living_members(group: int) -> list[int]:
+    """The processes of a process group that have not ended (a zombie has: only its exit status is left)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # ended while we looked
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
+            members.append(int(stat.parent.name))
+    return members
 
 
 def run_to_end(command: list[str], log: Path, env: dict | None = None,

@@ -3,12 +3,11 @@ with the process's last output, and nothing the process started outlives the tes
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 
-from tests.processes import Started
+from tests.processes import Started, living_members
 
 # Starts a child that would outlive it, says so, then waits for ever without doing what the test waits for.
 _HANGS_WITH_A_CHILD = """
@@ -19,25 +18,17 @@ time.sleep(3600)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie has ended; only its exit status is left to collect
-        return stat.read().split(")")[-1].split()[0] != "Z"
-
-
 def test_a_wait_that_runs_out_names_its_event_shows_the_output_and_leaves_no_process(tmp_path):
     with pytest.raises(AssertionError) as failure:
         with Started([sys.executable, "-c", _HANGS_WITH_A_CHILD], tmp_path / "hang.log") as process:
             process.wait_for_line("child ")
-            pids = [process.popen.pid, int(process.output().split()[1])]
+            group = process.popen.pid
+            assert len(living_members(group)) == 2  # the process and the child it started
             process.wait_for("a checkpoint", (tmp_path / "last.pt").exists, timeout=0.5)  # never written
     message = str(failure.value)
     assert "gave up waiting for a checkpoint after 0.5 s" in message
     assert f"({tmp_path / 'hang.log'}):\nchild " in message  # its last output, from the log file
-    assert not any(_alive(pid) for pid in pids)  # the process and the child it started
+    assert living_members(group) == []
 
 
 def test_a_process_that_exits_first_is_reported_with_its_code_and_output(tmp_path):
