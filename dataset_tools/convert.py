@@ -142,9 +142,9 @@ class _ImageSource:
 def write_records(out: Path, source, options: ConvertOptions) -> None:
     """Write `source` (indexable: i -> (HWC uint8 RGB pixels, label)) to `out` with FFCV's writer, in `options`'
     storage mode. Its writer processes fork, so `source` is not pickled."""
-    from fastimagenet.runtime import torch_threads_kept
+    from fastimagenet.runtime import importing_ffcv
 
-    with torch_threads_kept():  # importing FFCV sets this thread's torch count to 1
+    with importing_ffcv():  # importing FFCV sets this thread's torch count to 1
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 
@@ -194,9 +194,9 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
         raise UserError(f"{dst}: the output of one split must be a .beton file")
     if dst.exists() and not options.force:
         raise UserError(f"{dst}: already exists (add --force to overwrite it)")
-    from fastimagenet.runtime import torch_threads_kept
+    from fastimagenet.runtime import importing_ffcv
 
-    with torch_threads_kept():  # importing FFCV sets this thread's torch count to 1
+    with importing_ffcv():  # importing FFCV sets this thread's torch count to 1
         import ffcv.writer  # noqa: F401 - its start-up (seconds of JIT set-up) stays out of the images/s figure
 
     from dataset_tools.verify import kept_samples  # torch: imported only when converting

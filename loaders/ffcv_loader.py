@@ -39,11 +39,11 @@ import torch
 
 from dataset_tools.convert import read_sidecar
 from fastimagenet.errors import UserError
-from fastimagenet.runtime import torch_threads_kept
+from fastimagenet.runtime import importing_ffcv, torch_threads_kept
 from loaders.augment import crop_windows
 from loaders.base import LoaderSpec, check_batch_fits, epoch_order, rank_share
 
-with torch_threads_kept():  # importing FFCV sets this thread's torch count to 1 (see the module notes)
+with importing_ffcv():  # importing FFCV sets this thread's torch count to 1 (see the module notes)
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader as _FfcvLoader
     from ffcv.loader import OrderOption

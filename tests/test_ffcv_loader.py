@@ -313,6 +313,35 @@ def test_the_first_ffcv_import_leaves_torchs_threads_alone(first, tmp_path):
     code = f"import sys; from pathlib import Path; import numpy as np; import torch; torch.set_num_threads(2); {first}; " \
            "print(torch.get_num_threads())"
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.beton")], capture_output=True, text=True,
-                            cwd=Path(__file__).parent.parent)
+                            cwd=Path(__file__).parent.parent, timeout=600)  # a hang guard (see the one-CPU test)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "2"
+
+
+# Writes a .beton and reads it back through the ffcv loader in a process confined to one CPU (as `taskset -c 0`, a
+# one-CPU container or a Slurm task with one core), then says which numba threading layer ran FFCV's decode.
+_ON_ONE_CPU = """
+import os, sys
+from pathlib import Path
+import numpy as np
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import loaders, numba
+from dataset_tools.convert import ConvertOptions, write_records, write_sidecar
+from tests.conftest import make_spec
+write_records(Path(sys.argv[1]), [(np.full((8, 8, 3), i, np.uint8), i % 2) for i in range(8)],
+              ConvertOptions(write_mode="raw", workers=1))
+write_sidecar(Path(sys.argv[1]), ["even", "odd"], 8)
+batches = list(loaders.build_loader("ffcv", make_spec(sys.argv[1], train=False, resolution=8, name="ffcv")))
+print("layer", numba.threading_layer(), "batches", len(batches))
+"""
+
+
+def test_a_process_on_one_cpu_writes_reads_and_exits(tmp_path):
+    """numba's TBB pool never let such a process exit (it waited in unload_tbb at shutdown); the FFCV imports put
+    OpenMP first there (runtime.importing_ffcv)."""
+    from tests.processes import run_to_end
+
+    done = run_to_end([sys.executable, "-c", _ON_ONE_CPU, str(tmp_path / "one.beton")], tmp_path / "one-cpu.log",
+                      timeout=300)  # a hang is the failure this test is for: the guard is its whole time
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "layer omp batches 2" in done.stdout
