@@ -10,10 +10,9 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	$(BIN)/fastimagenet demo
 
-# File order for now: a random order (pytest -p randomly) once hung in a forked worker that garbage-collected a
-# DALI pipeline inherited from an earlier test (open in issue 22).
+# A new random order each run (pytest-randomly); the seed is printed last, to run that order again.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:randomly tests
+	$(BIN)/python -m pytest -q tests
 
 # Everything but the tests marked slow (real processes, torchrun, the whole demo): a quicker loop while editing.
 test-quick: $(STAMP)

@@ -36,7 +36,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -171,13 +173,31 @@ def output_stream(hand: Handover) -> torch.cuda.Stream | None:
     return None if hand.gpu is None else torch.cuda.current_stream(hand.gpu)
 
 
+# A pipeline's threads exist only in the process that built it. A forked child (a DataLoader worker, a writer
+# process) inherits the Python object but none of the threads, and destroying it there crashes or waits for them for
+# ever (seen: a worker's garbage collector freeing a pipeline left in a reference cycle). So the pipelines a process
+# builds are noted, and a forked child keeps those it inherited alive: fork children end with os._exit, which
+# destroys nothing.
+_BUILT: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+_INHERITED: list[Pipeline] = []
+
+
+def _keep_inherited_pipelines() -> None:
+    _INHERITED.extend(_BUILT)
+
+
+os.register_at_fork(after_in_child=_keep_inherited_pipelines)
+
+
 def _new_pipeline(spec: LoaderSpec, batch_size: int, seed: int) -> Pipeline:
     decode = decode_device(spec)
     gpu = handover(decode, spec.device).gpu
     device_id = None if gpu is None else torch.cuda.current_device() if gpu.index is None else gpu.index
     # exec_dynamic is DALI's default executor, named because outputs on a CUDA stream (`outputs(stream)`) require it.
-    return Pipeline(batch_size=batch_size, num_threads=decode_threads(spec, decode), device_id=device_id, seed=seed,
+    pipe = Pipeline(batch_size=batch_size, num_threads=decode_threads(spec, decode), device_id=device_id, seed=seed,
                     prefetch_queue_depth=spec.options.dali.prefetch, exec_dynamic=True)
+    _BUILT.add(pipe)
+    return pipe
 
 
 def _to_torch(images, hand: Handover, stream: torch.cuda.Stream | None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 import time
 import weakref
 from datetime import timedelta
@@ -353,6 +354,36 @@ def test_bench_times_passes_as_epochs_so_each_prepared_epoch_is_used(jpeg_datase
                           options=LoaderConfig(name="dali", workers=1, dali=DaliOptions(device="cpu")))
     assert result["images_per_s"] > 0
     assert len(built) == 1 + 4  # the first pass's own, then one prepared at the end of each of the 4 passes
+
+
+# Reads a pass to its end (so the next pass's pipeline is built and running), leaves the loader in a reference cycle,
+# then forks a child whose garbage collector frees it, as a DataLoader worker or a writer process forked later does.
+_COLLECTED_IN_A_CHILD = """
+import gc, multiprocessing, sys
+import loaders
+from tests.test_dali_loader import dali_spec
+loader = loaders.build_loader("dali", dali_spec(sys.argv[1], train=True))
+for _ in loader:
+    pass
+cycle = [loader]
+cycle.append(cycle)
+del loader, cycle
+gc.disable()
+child = multiprocessing.get_context("fork").Process(target=gc.collect)
+child.start()
+child.join()
+print("child exit code", child.exitcode)
+"""
+
+
+def test_a_forked_child_that_frees_an_inherited_pipeline_exits(jpeg_dataset, tmp_path):
+    """Without the at-fork guard the child crashed (exit code -11) or hung in the pipeline's destructor."""
+    from tests.processes import run_to_end
+
+    done = run_to_end([sys.executable, "-c", _COLLECTED_IN_A_CHILD, str(jpeg_dataset / "train")],
+                      tmp_path / "fork.log", timeout=300)  # a hang is one of the failures this test is for
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "child exit code 0" in done.stdout, done.stdout[-3000:]
 
 
 def test_tiny_training_run_with_dali_learns(jpeg_dataset, tmp_path):
