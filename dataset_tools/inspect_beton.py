@@ -23,7 +23,10 @@ class Beton:
     """A .beton opened for reading records straight from the file (no loader, no JIT compile)."""
 
     def __init__(self, path: str | os.PathLike):
-        from ffcv.reader import Reader
+        from fastimagenet.runtime import importing_ffcv
+
+        with importing_ffcv():  # FFCV's first import picks numba's threading layer and sets torch's thread count
+            from ffcv.reader import Reader
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -12,6 +12,7 @@ from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_
 from dataset_tools.inspect_beton import Beton, inspect_beton
 from fastimagenet.cli import main
 from fastimagenet.errors import UserError
+from fastimagenet.runtime import importing_ffcv
 
 EXIF_ORIENTATION = 0x0112
 
@@ -119,7 +120,8 @@ def test_existing_output_is_kept_unless_forced(one_per_class, tmp_path):
 
 
 def test_interrupted_convert_leaves_no_output_and_a_rerun_works(one_per_class, tmp_path, monkeypatch):
-    from ffcv.writer import DatasetWriter
+    with importing_ffcv():  # as convert imports FFCV (a first import picks numba's threading layer)
+        from ffcv.writer import DatasetWriter
 
     def interrupted(self, allocations):
         raise KeyboardInterrupt

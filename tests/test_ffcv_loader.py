@@ -16,7 +16,6 @@ import numba
 import numpy as np
 import pytest
 import torch
-from ffcv.loader.epoch_iterator import EpochIterator
 
 import loaders
 from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
@@ -26,7 +25,8 @@ from fastimagenet.cli import main
 from fastimagenet.config import DataConfig, FfcvOptions, LoaderConfig, load_config
 from fastimagenet.errors import UserError
 from loaders.augment import crop_windows
-from loaders.ffcv_loader import _gpu_index, unpinned_host_bytes
+# FFCV's first import in a process picks numba's threading layer: it goes through the loader (runtime.importing_ffcv)
+from loaders.ffcv_loader import EpochIterator, _gpu_index, unpinned_host_bytes
 from tests.conftest import TINY_RUN, PacedClock, make_spec, train
 
 
