@@ -8,8 +8,6 @@ Boxes are (left, top, right, bottom) in source-image pixels, so a backend can cr
 
 from __future__ import annotations
 
-import math
-import random
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,29 +17,59 @@ from fastimagenet.config import DataConfig
 Box = tuple[float, float, float, float]
 
 
-def random_resized_crop_box(width: int, height: int, aug: DataConfig, rng: random.Random) -> Box:
-    """A random crop of the given area fraction and aspect ratio; after 10 misses, the largest centred crop whose
-    aspect ratio is within bounds (the sampling rule torchvision, FFCV and DALI share)."""
-    area = width * height
-    log_lo, log_hi = math.log(aug.ratio[0]), math.log(aug.ratio[1])
-    for _ in range(10):
-        target_area = area * rng.uniform(*aug.scale)
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = math.sqrt(target_area * aspect)
-        h = math.sqrt(target_area / aspect)
-        if 0 < w <= width and 0 < h <= height:
-            left = rng.uniform(0, width - w)
-            top = rng.uniform(0, height - h)
-            return (left, top, left + w, top + h)
-    aspect = width / height
-    if aspect < aug.ratio[0]:
-        w, h = width, width / aug.ratio[0]
-    elif aspect > aug.ratio[1]:
-        w, h = height * aug.ratio[1], height
-    else:
-        w, h = width, height
-    left, top = (width - w) / 2, (height - h) / 2
-    return (left, top, left + w, top + h)
+# Each training sample's randomness: 3 + 2 x _ATTEMPTS uniforms in [0, 1), a pure function of (seed, epoch, index).
+# Column 0 draws the flip, then each attempt's area fraction and log aspect ratio, then the crop's left and top.
+_ATTEMPTS = 10
+_FLIP, _AREAS, _ASPECTS, _LEFT, _TOP = 0, slice(1, 1 + _ATTEMPTS), slice(1 + _ATTEMPTS, 1 + 2 * _ATTEMPTS), -2, -1
+_UNIFORMS = 3 + 2 * _ATTEMPTS
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: the counters' stride
+
+
+def _mix(bits: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 in which every output bit depends on every input bit (numpy
+    arrays wrap on overflow, as the hash needs)."""
+    bits = (bits ^ (bits >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    bits = (bits ^ (bits >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return bits ^ (bits >> np.uint64(31))
+
+
+def crop_uniforms(indices: Sequence[int] | np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Per-sample randomness that depends only on (seed, epoch, index): one row of uniforms per sample, the same
+    whichever worker, thread or rank draws it, so runs are reproducible and resumable. Counter-based (a hash of the
+    key and the column), so a batch's rows come from a few array operations: no Python per sample on the thread
+    that feeds the decoder."""
+    key = _mix(np.array([seed % 2**64], np.uint64) + _GOLDEN)
+    key = _mix(key ^ np.uint64(epoch % 2**64))
+    per_sample = _mix(key ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
+    bits = _mix(per_sample[:, None] + np.arange(1, _UNIFORMS + 1, dtype=np.uint64) * _GOLDEN)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # the top 53 bits: every double in [0, 1) a step
+
+
+def crop_flips(uniforms: np.ndarray, aug: DataConfig) -> np.ndarray:
+    """Which samples are mirrored: about half with data.flip, none without."""
+    return (uniforms[:, _FLIP] < 0.5) & aug.flip
+
+
+def crop_boxes(uniforms: np.ndarray, sizes: np.ndarray, aug: DataConfig) -> np.ndarray:
+    """Random-resized-crop boxes, one row per sample of `uniforms`, in images of the (width, height) rows of `sizes`:
+    the first of _ATTEMPTS draws of area fraction and aspect ratio that fits, placed uniformly; when every draw
+    misses, the largest centred crop whose aspect ratio is within bounds (the sampling rule torchvision, FFCV and
+    DALI share)."""
+    width, height = (sizes[:, axis].astype(np.float64) for axis in (0, 1))
+    log_lo, log_hi = np.log(aug.ratio[0]), np.log(aug.ratio[1])
+    target_area = (width * height)[:, None] * (aug.scale[0] + (aug.scale[1] - aug.scale[0]) * uniforms[:, _AREAS])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * uniforms[:, _ASPECTS])
+    w, h = np.sqrt(target_area * aspect), np.sqrt(target_area / aspect)
+    fits = (w > 0) & (w <= width[:, None]) & (h <= height[:, None])
+    rows, first = np.arange(len(sizes)), fits.argmax(axis=1)
+    hit, w, h = fits[rows, first], w[rows, first], h[rows, first]
+    image_aspect = width / height
+    too_tall, too_wide = image_aspect < aug.ratio[0], image_aspect > aug.ratio[1]
+    w = np.where(hit, w, np.where(too_wide, height * aug.ratio[1], width))
+    h = np.where(hit, h, np.where(too_tall, width / aug.ratio[0], height))
+    left = np.where(hit, uniforms[:, _LEFT], 0.5) * (width - w)
+    top = np.where(hit, uniforms[:, _TOP], 0.5) * (height - h)
+    return np.stack([left, top, left + w, top + h], axis=1)
 
 
 def center_crop_box(width: int, height: int, crop_ratio: float) -> Box:
@@ -50,36 +78,40 @@ def center_crop_box(width: int, height: int, crop_ratio: float) -> Box:
     return (left, top, left + side, top + side)
 
 
-def train_crop(seed: int, epoch: int, index: int, aug: DataConfig) -> tuple[Callable[[int, int], Box], bool]:
-    """Sample `index`'s augmentation in `epoch`: (box_of, flip), where box_of(width, height) is its
-    random-resized-crop box in an image of that size (a decoder may learn the size from the header). Drawn from
-    (seed, epoch, index) alone, so every backend that draws per sample gives it the same crop, as does a resumed
-    epoch."""
-    rng = sample_rng(seed, epoch, index)
-    flip = aug.flip and rng.random() < 0.5
-    return (lambda width, height: random_resized_crop_box(width, height, aug, rng)), flip
+class TrainCrops:
+    """A batch's training crops, drawn together from the image sizes a backend recorded (rows by index), for a
+    decoder that learns each size from the header as it decodes: box_of(k)(width, height) is sample k's box; an image
+    whose header gives another size (changed since it was recorded) gets its box for that size, from the same
+    randomness. The crops crop_windows gives, on every backend, and again for a resumed epoch."""
+
+    def __init__(self, indices: Sequence[int], sizes: np.ndarray, seed: int, epoch: int, aug: DataConfig):
+        self._uniforms, self._aug = crop_uniforms(indices, seed, epoch), aug
+        self._sizes = [tuple(size) for size in sizes[np.asarray(indices, dtype=np.int64)].tolist()]
+        self._boxes = [tuple(box) for box in crop_boxes(self._uniforms, np.array(self._sizes), aug).tolist()]
+        self.flips = crop_flips(self._uniforms, aug).tolist()
+
+    def box_of(self, k: int) -> Callable[[int, int], Box]:
+        def box(width: int, height: int) -> Box:
+            if (width, height) == self._sizes[k]:
+                return self._boxes[k]
+            return tuple(crop_boxes(self._uniforms[k : k + 1], np.array([(width, height)]), self._aug)[0].tolist())
+        return box
 
 
-def pixel_window(box: Box, scale_x: float = 1.0, scale_y: float = 1.0) -> tuple[int, int, int, int]:
-    """The whole pixels (left, top, right, bottom) that cover `box` in the image decoded at (scale_x, scale_y) of
-    its size, at least one wide and high: what a backend crops before resizing."""
-    left, top = int(box[0] * scale_x), int(box[1] * scale_y)
-    return left, top, max(left + 1, math.ceil(box[2] * scale_x)), max(top + 1, math.ceil(box[3] * scale_y))
+def pixel_windows(boxes: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0) -> np.ndarray:
+    """The whole pixels (left, top, right, bottom) that cover each box row in the image decoded at (scale_x,
+    scale_y) of its size, at least one wide and high: what a backend crops before resizing."""
+    left, top = np.floor(boxes[:, 0] * scale_x), np.floor(boxes[:, 1] * scale_y)
+    right = np.maximum(left + 1, np.ceil(boxes[:, 2] * scale_x))
+    bottom = np.maximum(top + 1, np.ceil(boxes[:, 3] * scale_y))
+    return np.stack([left, top, right, bottom], axis=1).astype(np.int64)
 
 
-def crop_windows(indices: Sequence[int], sizes: np.ndarray, seed: int, epoch: int,
+def crop_windows(indices: Sequence[int] | np.ndarray, sizes: np.ndarray, seed: int, epoch: int,
                  aug: DataConfig) -> np.ndarray:
     """A batch's training crops for a decoder that takes them in whole pixels: one int32 row per sample, (left, top,
-    right, bottom, flip), drawn with train_crop from each sample's (width, height) in `sizes` (rows by index)."""
+    right, bottom, flip), from each sample's (width, height) in `sizes` (rows by index)."""
     indices = np.asarray(indices, dtype=np.int64)
-    rows = np.empty((len(indices), 5), dtype=np.int32)
-    for row, (index, size) in enumerate(zip(indices.tolist(), sizes[indices].tolist())):  # Python ints: seedable
-        box_of, flip = train_crop(seed, epoch, index, aug)
-        rows[row] = (*pixel_window(box_of(*size)), flip)
-    return rows
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """Per-sample randomness that depends only on (seed, epoch, index): the same crops whichever worker or rank
-    decodes the sample, so runs are reproducible and resumable."""
-    return random.Random((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+    uniforms = crop_uniforms(indices, seed, epoch)
+    windows = pixel_windows(crop_boxes(uniforms, sizes[indices], aug))
+    return np.concatenate([windows, crop_flips(uniforms, aug)[:, None]], axis=1).astype(np.int32)

@@ -5,9 +5,10 @@
   while DALI reads ahead in its own threads as when used by hand (a Python external source of the files' bytes was
   ~5% slower on cpu-2c). The pass's resolution and batch size are simply those it is built with, so `reconfigure`
   needs no rebuild of its own.
-- Crops: each training sample's random-resized-crop box and flip are drawn in Python from (seed, epoch, index)
-  with the torchvision backend's function (loaders/augment.py), from the image size verification read in the header,
-  and fed in step with the reader's batches (external source): the same crops as that backend, and a resumed epoch
+- Crops: each training sample's random-resized-crop box and flip come from (seed, epoch, index), a batch's at once
+  (loaders/augment.py: a few array operations, no Python per sample on the thread that feeds DALI), from the image
+  size verification read in the header, and are fed in step with the reader's batches (external source): the same
+  crops as the other backends, and a resumed epoch
   (set_epoch(epoch, first_step)) gets the uninterrupted pass's crops. The decoder decodes only the window
   (`decoders.image_slice`: ROI decode in libjpeg-turbo, and in nvJPEG on the GPU), then it is resized and flipped.
   Eval: resize + centre crop. EXIF orientation is ignored, as by the other backends (DALI would apply it by default).

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dataset_tools.image_rules import header_problem, to_plain_mode
-from loaders.augment import Box, pixel_window
+from loaders.augment import Box, pixel_windows
 
 try:
     from loaders._jpeg_roi import Error as JpegError, decode_region
@@ -66,7 +66,8 @@ def _jpeg_crop(path: str, box: Box, size: int, flip: bool) -> np.ndarray:
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     reduction = min(box[2] - box[0], box[3] - box[1]) / size
     scale = max(s for s in _DCT_SCALES if s <= max(1.0, reduction))
-    left, top, right, bottom = pixel_window(box, 1 / scale, 1 / scale)  # whole pixels of the scaled image
+    # the whole pixels of the scaled image
+    left, top, right, bottom = pixel_windows(np.array([box]), 1 / scale, 1 / scale)[0].tolist()
     try:
         pixels, width, height, x_offset = decode_region(data, scale, left, top, right, bottom)
     except JpegError as exc:

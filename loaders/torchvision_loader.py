@@ -24,7 +24,7 @@ from dataset_tools.scan import scan_image_folder
 from dataset_tools.verify import kept_samples
 from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
-from loaders.augment import center_crop_box, train_crop
+from loaders.augment import TrainCrops, center_crop_box
 from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, copied_ahead, epoch_order,
                           local_world_size, rank_share)
 from loaders.image_decode import decode_crop, single_threaded_worker
@@ -35,28 +35,36 @@ _PREFETCH = 4  # batches each worker prepares ahead
 
 
 class _FolderDataset(Dataset):
-    """Decodes one request (index, resolution, epoch) into an image; never raises on a bad file."""
+    """Decodes a batch of requests (index, resolution, epoch) into images; never raises on a bad file."""
 
-    def __init__(self, samples: list[tuple[str, int]], augment: DataConfig, train: bool, seed: int):
-        self.samples, self.augment, self.train, self.seed = samples, augment, train, seed
+    def __init__(self, samples: list[tuple[str, int]], sizes: np.ndarray, augment: DataConfig, train: bool,
+                 seed: int):
+        self.samples, self.sizes, self.augment, self.train, self.seed = samples, sizes, augment, train, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _decode(self, index: int, resolution: int, epoch: int) -> np.ndarray:
-        path = self.samples[index][0]
-        if not self.train:
-            return decode_crop(path, lambda w, h: center_crop_box(w, h, self.augment.crop_ratio), resolution, False)
-        box_of, flip = train_crop(self.seed, epoch, index, self.augment)
-        return decode_crop(path, box_of, resolution, flip)
+    def __getitems__(self, requests: list[tuple[int, int, int]]) -> list:
+        """torch's fetcher hands over a batch sampler's whole batch, so its crops are drawn together."""
+        indices = [index for index, _, _ in requests]
+        _, resolution, epoch = requests[0]  # one batch, one epoch and resolution
+        crops = TrainCrops(indices, self.sizes, self.seed, epoch, self.augment) if self.train else None
+        return [self._item(index, resolution, epoch, crops, k) for k, index in enumerate(indices)]
 
-    def __getitem__(self, request: tuple[int, int, int]):
-        index, resolution, epoch = request
+    def _decode(self, index: int, resolution: int, crops: TrainCrops | None, k: int) -> np.ndarray:
+        path = self.samples[index][0]
+        if crops is None:
+            return decode_crop(path, lambda w, h: center_crop_box(w, h, self.augment.crop_ratio), resolution, False)
+        return decode_crop(path, crops.box_of(k), resolution, crops.flips[k])
+
+    def _item(self, index: int, resolution: int, epoch: int, crops: TrainCrops | None, k: int):
         failures = []
         for offset in range(_SUBSTITUTE_TRIES):
             candidate = (index + offset) % len(self.samples)
+            if offset and crops is not None:  # a substitute gets its own crop
+                crops, k = TrainCrops([candidate], self.sizes, self.seed, epoch, self.augment), 0
             try:
-                return self._decode(candidate, resolution, epoch), self.samples[candidate][1], failures
+                return self._decode(candidate, resolution, crops, k), self.samples[candidate][1], failures
             except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable file"
                 failures.append((self.samples[candidate][0], f"{type(exc).__name__}: {exc}"))
         raise UserError(f"{_SUBSTITUTE_TRIES} consecutive unreadable images, e.g. {failures[0][0]}: {failures[0][1]}")
@@ -137,7 +145,7 @@ class TorchvisionLoader:
         scan = scan_image_folder(spec.path, spec.classes)
         # The files every backend keeps (verified once per node and cached, as for DALI); what is left out is
         # reported now. A file that fails later anyway (changed since) is replaced by a neighbour and reported.
-        samples, self.skipped, _ = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
+        samples, self.skipped, sizes = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
         self.spec, self.classes = spec, scan.classes
         self._sampler = _EpochBatchSampler(len(samples), spec)
         if spec.train:
@@ -146,7 +154,7 @@ class TorchvisionLoader:
         workers = self._workers = spec.workers()
         check_shared_memory(workers, self._sampler.batch_size, spec.resolution)
         self._loader = DataLoader(
-            _FolderDataset(samples, spec.augment, spec.train, spec.seed),
+            _FolderDataset(samples, np.array(sizes, dtype=np.int32), spec.augment, spec.train, spec.seed),
             batch_sampler=self._sampler,
             num_workers=workers,
             collate_fn=_collate,
