@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dataset_tools.beton_check import damaged_beton_error, table_problems
 from dataset_tools.convert import read_sidecar, sidecar_path
 from fastimagenet.errors import UserError
 
@@ -39,6 +40,16 @@ class Beton:
         self.labels = self._field("IntField")
         self.sizes = dict(zip(self.reader.alloc_table["ptr"].tolist(), self.reader.alloc_table["size"].tolist()))
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def table_problems(self, classes: int | None) -> tuple[int, dict[int | str, str]]:
+        """(bad records, the first problems) of its tables (dataset_tools/beton_check.py)."""
+        return table_problems(self.path, self.reader, self.images, self.labels, classes)
+
+    def check_tables(self, classes: int | None) -> None:
+        """Stop with an error naming the first bad records, before anything reads one."""
+        count, first = self.table_problems(classes)
+        if count:
+            raise damaged_beton_error(self.path, count, first)
 
     def _field(self, type_name: str) -> np.ndarray:
         for index, handler in enumerate(self.reader.handlers.values()):
@@ -107,20 +118,21 @@ def inspect_beton(path: str | os.PathLike, verify: bool = False, max_problems: i
         info["settings"] = {key: meta.get(key) for key in ("write_mode", "max_resolution", "jpeg_quality",
                                                            "source", "subset")}
         info["skipped_at_convert"] = len(meta.get("skipped", {}))
-        out_of_range = int(((labels < 0) | (labels >= len(meta["classes"]))).sum())
-        if out_of_range:
-            info["labels_out_of_range"] = out_of_range
-    if verify:
+    damaged, problems = beton.table_problems(len(meta["classes"]) if meta is not None else None)
+    if damaged:
+        info["damaged_records"] = damaged
+    if verify and not damaged:  # records decode only once the tables are sound
         problems = beton.problems(max_problems)
-        info["verified"] = not problems and "labels_out_of_range" not in info
-        info["problems"] = {f"record {index}": reason for index, reason in problems.items()}
+    if verify or damaged:
+        info["verified"] = not problems
+        info["problems"] = {where if where == "file" else f"record {where}": why for where, why in problems.items()}
     return info
 
 
 def format_inspection(info: dict) -> str:
     lines = [f"{info['file']}: {info['images']} images, {info['bytes'] / 2**20:.1f} MiB"]
     for key in ("fields", "write_modes", "width", "height", "record_bytes", "labels", "classes", "class_names",
-                "settings", "skipped_at_convert", "labels_out_of_range", "verified", "problems"):
+                "settings", "skipped_at_convert", "damaged_records", "verified", "problems"):
         if key in info:
             lines.append(f"  {key}: {info[key]}")
     return "\n".join(lines)

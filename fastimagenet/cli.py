@@ -149,6 +149,9 @@ def cmd_inspect(args) -> None:
 
     info = inspect_beton(args.file, verify=args.verify)
     print(format_inspection(info))
+    if "damaged_records" in info:
+        raise UserError(f"{args.file}: damaged tables: {info['damaged_records']} bad records (the first listed "
+                        "above); write it again with `fastimagenet convert --force`, or copy it again")
     if args.verify and not info["verified"]:
         raise UserError(f"{args.file}: some records do not decode (listed above); re-run `fastimagenet convert`")
 

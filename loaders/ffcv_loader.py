@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from dataset_tools.convert import read_sidecar
+from dataset_tools.inspect_beton import Beton
 from fastimagenet.errors import UserError
 from fastimagenet.runtime import importing_ffcv, torch_threads_kept
 from loaders.augment import crop_windows
@@ -227,6 +228,7 @@ class FfcvLoader:
         if spec.classes is not None and spec.classes != meta["classes"]:
             raise UserError(f"{path}: its classes differ from the train split's; convert both from one dataset "
                             "root, or pass --classes-from TRAIN.beton to `fastimagenet convert`")
+        Beton(path).check_tables(len(meta["classes"]))  # a damaged file stops here, before FFCV reads a record
         self.spec, self.classes = spec, list(meta["classes"])
         self.skipped: dict[str, str] = {}  # files that did not decode were left out (and reported) by convert
         self._decoder = _decoder(spec)

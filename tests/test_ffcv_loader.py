@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,7 +19,9 @@ import pytest
 import torch
 
 import loaders
+from dataset_tools.beton_check import record_problems
 from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
+from dataset_tools.inspect_beton import Beton
 from fastimagenet import bench
 from fastimagenet.bench import bench_loader
 from fastimagenet.cli import main
@@ -27,6 +30,7 @@ from fastimagenet.errors import UserError
 from loaders.augment import crop_windows
 # FFCV's first import in a process picks numba's threading layer: it goes through the loader (runtime.importing_ffcv)
 from loaders.ffcv_loader import EpochIterator, _gpu_index, unpinned_host_bytes
+from ffcv.types import HeaderType  # noqa: E402 - after the loader, which imports FFCV first
 from tests.conftest import TINY_RUN, PacedClock, make_spec, train
 
 
@@ -345,3 +349,58 @@ def test_a_process_on_one_cpu_writes_reads_and_exits(tmp_path):
                       timeout=300)  # a hang is the failure this test is for: the guard is its whole time
     assert done.returncode == 0, done.stdout[-3000:]
     assert "layer omp batches 2" in done.stdout
+
+
+def _overwritten_in_runs(beton: Path, out: Path, in_tables: int) -> Path:
+    """A copy of `beton` with 64 random bytes at 40 places, `in_tables` of them inside the record table (as a bad disk,
+    a torn copy or a half-synced bucket leaves a file)."""
+    rng = np.random.default_rng(0)
+    data = bytearray(beton.read_bytes())
+    reader = Beton(beton).reader
+    table_start = HeaderType.itemsize + reader.field_descriptors.nbytes  # the record table follows them
+    places = list(rng.integers(table_start, table_start + reader.metadata.nbytes - 64, in_tables))
+    places += list(rng.integers(0, len(data) - 64, 40 - in_tables))
+    for place in places:
+        data[place : place + 64] = rng.bytes(64)
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda beton, out: _overwritten_in_runs(beton, out, in_tables=8),
+     r"damaged \.beton file: record \d+: .*bad records in all\)\. Write it again"),
+    (lambda beton, out: out.write_bytes(beton.read_bytes()[: beton.stat().st_size // 2]) and out,
+     r"not a readable \.beton file"),
+    (lambda beton, out: out.write_bytes(np.random.default_rng(1).bytes(beton.stat().st_size)) and out,
+     r"not a readable \.beton file"),
+])
+def test_a_damaged_beton_is_refused_before_a_record_is_read(betons, tmp_path, damage, message):
+    """FFCV would read whatever lies where a changed pointer points: such a file trained without a word."""
+    damaged = damage(betons / "train.beton", tmp_path / "train.beton")
+    shutil.copy(betons / "train.beton.json", tmp_path / "train.beton.json")
+    with pytest.raises(UserError, match=message):
+        loaders.build_loader("ffcv", ffcv_spec(damaged, resolution=24, batch_size=8))
+
+
+def test_inspect_names_the_bad_records_of_damaged_tables_without_decoding(betons, tmp_path, capsys):
+    damaged = _overwritten_in_runs(betons / "train.beton", tmp_path / "train.beton", in_tables=8)
+    shutil.copy(betons / "train.beton.json", tmp_path / "train.beton.json")
+    assert main(["inspect", str(damaged)]) == 2
+    out = capsys.readouterr()
+    assert "damaged_records:" in out.out and "record " in out.out and "damaged tables" in out.err
+
+
+def test_the_table_check_holds_at_imagenets_size_and_finds_one_bad_pointer_among_them():
+    """1.28 M records (the check runs at every open: ~0.3 s on cpu-2c, see BENCHMARKS.md), the allocations in
+    another order than the records, as FFCV's writer processes leave them."""
+    count = 1_281_167
+    alloc = np.zeros(count, dtype=[("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+    alloc["sample_id"], alloc["size"] = np.arange(count), 110_000
+    alloc["ptr"] = 4096 + alloc["sample_id"] * 110_000
+    images = np.zeros(count, dtype=[("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+    images["width"], images["height"], images["data_ptr"] = 500, 375, alloc["ptr"]
+    labels, end = np.arange(count) % 1000, 4096 + count * 110_000
+    assert record_problems(images, labels, alloc[::-1], 4096, end, 1000) == (0, {})
+    images["data_ptr"][777_777] += 8  # inside its own allocation, but not where it starts
+    assert record_problems(images, labels, alloc[::-1], 4096, end, 1000) == (
+        1, {777_777: "data pointer is not an allocation of this record"})
