@@ -20,6 +20,18 @@ _JPEG, _RAW = 0, 1  # FFCV's storage modes of an RGB image record
 _SHOWN = 5  # bad records named in a message
 
 
+def record_extents(images: np.ndarray, alloc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each image record's size in bytes, whether its pointer is an allocation of that record: else size 0), from
+    the allocation table (sample_id, ptr, size) in any order."""
+    ptr = images["data_ptr"].astype(np.uint64)
+    if not len(alloc):
+        return np.zeros(len(images), dtype=np.int64), np.zeros(len(images), dtype=bool)
+    by_ptr = np.argsort(alloc["ptr"], kind="stable")
+    owner = by_ptr[np.minimum(np.searchsorted(alloc["ptr"][by_ptr], ptr), len(alloc) - 1)]
+    allocated = (alloc["ptr"][owner] == ptr) & (alloc["sample_id"][owner] == np.arange(len(images), dtype=np.uint64))
+    return np.where(allocated, alloc["size"][owner], 0).astype(np.int64), allocated
+
+
 def record_problems(images: np.ndarray, labels: np.ndarray, alloc: np.ndarray, data_start: int, data_end: int,
                     classes: int | None, limit: int = _SHOWN) -> tuple[int, dict[int, str]]:
     """(how many records are bad, {record index: its first problem} for the first `limit` of them) for FFCV's tables:
@@ -30,11 +42,7 @@ def record_problems(images: np.ndarray, labels: np.ndarray, alloc: np.ndarray, d
     if not count:
         return 0, {}
     ptr = images["data_ptr"].astype(np.uint64)
-    by_ptr = np.argsort(alloc["ptr"], kind="stable")
-    sorted_ptrs = alloc["ptr"][by_ptr]
-    owner = by_ptr[np.minimum(np.searchsorted(sorted_ptrs, ptr), len(alloc) - 1)]
-    allocated = (alloc["ptr"][owner] == ptr) & (alloc["sample_id"][owner] == np.arange(count, dtype=np.uint64))
-    size = np.where(allocated, alloc["size"][owner], 0).astype(np.int64)
+    size, allocated = record_extents(images, alloc)
     width, height, mode = images["width"].astype(np.int64), images["height"].astype(np.int64), images["mode"]
     outside = (ptr < data_start) | (ptr >= data_end)
     checks = [  # (bad records, why), in the order a record's first problem is named

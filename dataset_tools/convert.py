@@ -156,9 +156,15 @@ def write_records(out: Path, source, options: ConvertOptions) -> None:
     writer.from_indexed_dataset(source, chunksize=max(1, min(100, math.ceil(len(source) / 16))))
 
 
-def write_sidecar(beton: Path, classes: list[str], images: int, **settings) -> None:
-    """The sidecar `read_sidecar` reads: class names, image count and how the file was written."""
+def write_sidecar(beton: Path, classes: list[str], images: int, written: Path | None = None, **settings) -> None:
+    """The sidecar `read_sidecar` reads: class names, image count, how the file was written and, read back from
+    `written` (the finished file, maybe still under its temporary name), each record's checksum."""
     meta = dict(version=SIDECAR_VERSION, classes=list(classes), images=images, **settings)
+    if written is not None:
+        from dataset_tools.inspect_beton import Beton  # it reads sidecars: imported where it is needed
+        from dataset_tools.record_sums import SUM_NAME, encode_sums
+
+        meta[SUM_NAME] = encode_sums(Beton(written).sums())
     with atomic_output(sidecar_path(beton)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
 
@@ -222,7 +228,7 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
                 raise UserError(f"{src}: none of the images could be decoded")
         else:
             raise UserError(f"{src}: files keep failing to decode on each pass; are they being modified?")
-        write_sidecar(dst, scan.classes, len(samples), source=str(Path(src).resolve()), skipped=skipped,
+        write_sidecar(dst, scan.classes, len(samples), tmp, source=str(Path(src).resolve()), skipped=skipped,
                       **{k: v for k, v in asdict(options).items() if k not in ("force", "workers", "strict")})
     return ConvertReport(dst, len(samples), len(scan.classes), dst.stat().st_size, time.perf_counter() - start,
                          skipped)

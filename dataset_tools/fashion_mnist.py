@@ -97,5 +97,5 @@ def fashion_mnist_betons(out_dir: Path, source: Path = DEBIAN_DIR) -> tuple[Path
         images, labels = _read_split(source, split)
         with atomic_output(path) as tmp:
             write_records(tmp, _GrayAsRGB(images, labels), ConvertOptions(write_mode="raw"))
-            write_sidecar(path, CLASSES, len(labels), origin=str(source), write_mode="raw")
+            write_sidecar(path, CLASSES, len(labels), tmp, origin=str(source), write_mode="raw")
     return paths

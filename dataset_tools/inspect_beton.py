@@ -13,11 +13,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset_tools.beton_check import damaged_beton_error, table_problems
+from dataset_tools.beton_check import damaged_beton_error, record_extents, table_problems
 from dataset_tools.convert import read_sidecar, sidecar_path
+from dataset_tools.record_sums import SUM_NAME, decode_sums, record_sums
 from fastimagenet.errors import UserError
 
 _MODES = {0: "jpg", 1: "raw"}  # FFCV's per-record storage of an RGB image
+CHANGED_BYTES = "its bytes are not those convert wrote (checksum mismatch)"
 
 
 class Beton:
@@ -38,8 +40,30 @@ class Beton:
             raise UserError(f"{self.path}: not a readable .beton file ({type(exc).__name__}: {exc})") from None
         self.images = self._field("RGBImageField")  # per record: mode, width, height, data_ptr
         self.labels = self._field("IntField")
-        self.sizes = dict(zip(self.reader.alloc_table["ptr"].tolist(), self.reader.alloc_table["size"].tolist()))
+        self.record_bytes, _ = record_extents(self.images, self.reader.alloc_table)  # 0 where not allocated
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def sums(self) -> np.ndarray:
+        """Each record's checksum as its bytes are now (dataset_tools/record_sums.py)."""
+        return record_sums(self._data, self.images["data_ptr"], self.record_bytes)
+
+    def stored_sums(self) -> np.ndarray | None:
+        """The checksums `convert` stored in the sidecar, or None: no sidecar, a file written by FFCV itself or by
+        an older convert, or sums that do not fit the file."""
+        if not sidecar_path(self.path).exists():
+            return None
+        text = read_sidecar(self.path).get(SUM_NAME)
+        return None if text is None else decode_sums(text, len(self.images))
+
+    def check_records(self, indices: np.ndarray, stored: np.ndarray) -> None:
+        """Stop with an error naming the records among `indices` whose bytes do not match their stored sums."""
+        sums = record_sums(self._data, self.images["data_ptr"][indices], self.record_bytes[indices])
+        changed = indices[sums != stored[indices]]
+        if len(changed):
+            raise UserError(f"{self.path}: record {', '.join(map(str, changed[:5].tolist()))}: {CHANGED_BYTES}: the "
+                            "file changed after convert wrote it (a bad disk, a torn copy). Write it again "
+                            "(`fastimagenet convert SRC DST --force`) or copy it again; loader.ffcv.verify=off "
+                            "trains on it as it is")
 
     def table_problems(self, classes: int | None) -> tuple[int, dict[int | str, str]]:
         """(bad records, the first problems) of its tables (dataset_tools/beton_check.py)."""
@@ -61,8 +85,8 @@ class Beton:
         """Record `index` as RGB pixels (HWC uint8); ValueError says why it does not decode."""
         record = self.images[index]
         ptr, height, width = int(record["data_ptr"]), int(record["height"]), int(record["width"])
-        size = self.sizes.get(ptr)
-        if size is None or ptr + size > len(self._data):
+        size = int(self.record_bytes[index])
+        if not size or ptr + size > len(self._data):
             raise ValueError("data pointer outside the file")
         data = np.asarray(self._data[ptr : ptr + size])
         if record["mode"] == 1:
@@ -77,16 +101,20 @@ class Beton:
         return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
     def problems(self, limit: int) -> dict[int, str]:
-        """{record index: why it does not decode}, stopping after `limit` problems."""
-        found = {}
+        """{record index: why it is not the image convert wrote}, stopping after `limit` problems: bytes that differ
+        from the stored checksums (where there are some), then records that do not decode."""
+        found, stored = {}, self.stored_sums()
+        if stored is not None:
+            for index in np.flatnonzero(self.sums() != stored)[:limit].tolist():
+                found[index] = CHANGED_BYTES
         for index in range(len(self.images)):
+            if len(found) >= limit:
+                break
             try:
                 self.pixels(index)
             except ValueError as exc:
-                found[index] = str(exc)
-                if len(found) >= limit:
-                    break
-        return found
+                found.setdefault(index, str(exc))
+        return dict(sorted(found.items()))
 
 
 def _stats(values: np.ndarray) -> dict:
@@ -99,7 +127,7 @@ def inspect_beton(path: str | os.PathLike, verify: bool = False, max_problems: i
     beton = Beton(path)
     images, labels = beton.images, beton.labels
     meta = read_sidecar(beton.path) if sidecar_path(beton.path).exists() else None
-    record_bytes = np.array([beton.sizes.get(int(ptr), 0) for ptr in images["data_ptr"]], dtype=np.int64)
+    record_bytes = beton.record_bytes
     modes = {_MODES.get(int(m), str(m)): int(n) for m, n in zip(*np.unique(images["mode"], return_counts=True))}
     info = {
         "file": str(beton.path),
@@ -118,6 +146,7 @@ def inspect_beton(path: str | os.PathLike, verify: bool = False, max_problems: i
         info["settings"] = {key: meta.get(key) for key in ("write_mode", "max_resolution", "jpeg_quality",
                                                            "source", "subset")}
         info["skipped_at_convert"] = len(meta.get("skipped", {}))
+    info["checksums"] = "stored" if beton.stored_sums() is not None else "none (records are checked for decoding only)"
     damaged, problems = beton.table_problems(len(meta["classes"]) if meta is not None else None)
     if damaged:
         info["damaged_records"] = damaged
@@ -132,7 +161,7 @@ def inspect_beton(path: str | os.PathLike, verify: bool = False, max_problems: i
 def format_inspection(info: dict) -> str:
     lines = [f"{info['file']}: {info['images']} images, {info['bytes'] / 2**20:.1f} MiB"]
     for key in ("fields", "write_modes", "width", "height", "record_bytes", "labels", "classes", "class_names",
-                "settings", "skipped_at_convert", "damaged_records", "verified", "problems"):
+                "settings", "skipped_at_convert", "checksums", "damaged_records", "verified", "problems"):
         if key in info:
             lines.append(f"  {key}: {info[key]}")
     return "\n".join(lines)

@@ -58,6 +58,7 @@ class DaliOptions:
 class FfcvOptions:
     order: str = "random"  # random | quasi_random
     os_cache: bool = True  # memory-map the file (OS page cache, shared by the processes); false: per-process pages
+    verify: str = "first-epoch"  # off | first-epoch | always: each batch's records against convert's checksums
 
 
 @dataclass
@@ -149,6 +150,7 @@ CHOICES = {
     "model.arch": tuple(ARCHS),
     "loader.dali.device": ("auto", "gpu", "cpu"),
     "loader.ffcv.order": ("random", "quasi_random"),
+    "loader.ffcv.verify": ("off", "first-epoch", "always"),
     "optim.name": ("sgd", "adamw"),
     "schedule.lr": ("step", "cosine", "onecycle", "linear_ramp"),
     "runtime.device": ("auto", "cpu", "cuda"),

@@ -144,9 +144,10 @@ class _DeviceEpochIterator(EpochIterator):
     """
 
     def __init__(self, loader: _FfcvLoader, order: np.ndarray, device: torch.device,
-                 windows: Callable[[np.ndarray], np.ndarray] | None, window_node: int | None):
+                 windows: Callable[[np.ndarray], np.ndarray] | None, window_node: int | None,
+                 check: Callable[[np.ndarray], None] | None):
         self.gpu = _gpu_index(device)  # read here, in the caller's thread, where FFCV also makes its streams
-        self.windows, self.window_node = windows, window_node
+        self.windows, self.window_node, self.check = windows, window_node, check
         self.error: BaseException | None = None
         self.copied: dict[int, torch.cuda.Event] = {}  # batch slot -> its last host->device copy, once enqueued
         super().__init__(loader, order)  # starts the thread
@@ -184,6 +185,8 @@ class _DeviceEpochIterator(EpochIterator):
         copy is still queued. So this thread (never the training thread) first waits for that copy."""
         if batch_slot in self.copied:
             wait_until_done(self.copied[batch_slot])
+        if self.check is not None:  # the batch's records are the bytes convert wrote, before they are decoded
+            self.check(batch_indices)
         if self.windows is not None:
             WindowCropDecoder.fill(self.memory_allocations, self.window_node, batch_slot, self.windows(batch_indices))
         result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
@@ -221,6 +224,16 @@ def warn_if_unpinned(buffers: dict) -> None:
               "`--ulimit memlock=-1`) or lower the batch size")
 
 
+def _record_check(beton: Beton, verify: str) -> Callable[[np.ndarray], None] | None:
+    """What checks a batch's records against their stored checksums (loader.ffcv.verify), or None."""
+    stored = beton.stored_sums()
+    if stored is None:
+        print(f"notice: {beton.path}: no record checksums (a file written by FFCV itself, or by an older "
+              "`fastimagenet convert`): its tables are checked, the bytes of its images are not")
+        return None
+    return None if verify == "off" else lambda batch: beton.check_records(batch, stored)
+
+
 class FfcvLoader:
     def __init__(self, spec: LoaderSpec):
         path = beton_path(spec)
@@ -228,7 +241,10 @@ class FfcvLoader:
         if spec.classes is not None and spec.classes != meta["classes"]:
             raise UserError(f"{path}: its classes differ from the train split's; convert both from one dataset "
                             "root, or pass --classes-from TRAIN.beton to `fastimagenet convert`")
-        Beton(path).check_tables(len(meta["classes"]))  # a damaged file stops here, before FFCV reads a record
+        beton = Beton(path)
+        beton.check_tables(len(meta["classes"]))  # a damaged file stops here, before FFCV reads a record
+        self._record_check = _record_check(beton, spec.options.ffcv.verify)
+        self._passes = 0
         self.spec, self.classes = spec, list(meta["classes"])
         self.skipped: dict[str, str] = {}  # files that did not decode were left out (and reported) by convert
         self._decoder = _decoder(spec)
@@ -270,12 +286,14 @@ class FfcvLoader:
         order = loader.next_traversal_order()[self._first_step * loader.batch_size : len(loader) * loader.batch_size]
         epoch, spec = loader.next_epoch, self.spec
         loader.next_epoch += 1
+        check = self._record_check if self._passes == 0 or spec.options.ffcv.verify == "always" else None
+        self._passes += 1
         if not spec.train:
-            return _DeviceEpochIterator(loader, order, spec.device, None, None)
+            return _DeviceEpochIterator(loader, order, spec.device, None, None, check)
         sizes = self._sizes
         return _DeviceEpochIterator(loader, order, spec.device,
                                     lambda batch: crop_windows(batch, sizes, spec.seed, epoch, spec.augment),
-                                    self._window_node)
+                                    self._window_node, check)
 
 
 def raw_pipeline(spec: LoaderSpec) -> _FfcvLoader:

@@ -21,7 +21,7 @@ import torch
 import loaders
 from dataset_tools.beton_check import record_problems
 from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
-from dataset_tools.inspect_beton import Beton
+from dataset_tools.inspect_beton import Beton, inspect_beton
 from fastimagenet import bench
 from fastimagenet.bench import bench_loader
 from fastimagenet.cli import main
@@ -404,3 +404,61 @@ def test_the_table_check_holds_at_imagenets_size_and_finds_one_bad_pointer_among
     images["data_ptr"][777_777] += 8  # inside its own allocation, but not where it starts
     assert record_problems(images, labels, alloc[::-1], 4096, end, 1000) == (
         1, {777_777: "data pointer is not an allocation of this record"})
+
+
+def _with_record_changed(beton: Path, out: Path, record: int) -> Path:
+    """A copy of `beton` (and its sidecar) with 8 bytes inside `record`'s image data inverted: the tables still
+    sound, only the checksums can tell."""
+    data = bytearray(beton.read_bytes())
+    ptr = int(Beton(beton).images[record]["data_ptr"])
+    data[ptr + 40 : ptr + 48] = bytes(b ^ 0xFF for b in data[ptr + 40 : ptr + 48])
+    out.write_bytes(bytes(data))
+    shutil.copy(f"{beton}.json", f"{out}.json")
+    return out
+
+
+def _epochs(loader, count: int) -> None:
+    for epoch in range(count):
+        loader.set_epoch(epoch)
+        for _ in loader:
+            pass
+
+
+def test_changed_image_bytes_stop_the_first_epoch_and_verify_off_trains_on_them(betons, tmp_path):
+    changed = _with_record_changed(betons / "train.beton", tmp_path / "train.beton", record=37)
+    spec = ffcv_spec(changed, resolution=24, batch_size=8)
+    with pytest.raises(UserError, match=r"train\.beton: record 37: its bytes are not those convert wrote"):
+        _epochs(loaders.build_loader("ffcv", spec), 1)
+    spec.options = LoaderConfig(name="ffcv", ffcv=FfcvOptions(verify="off"))
+    _epochs(loaders.build_loader("ffcv", spec), 1)
+
+
+@pytest.mark.parametrize("verify, checked_passes", [("first-epoch", 1), ("always", 3), ("off", 0)])
+def test_records_are_checked_in_the_passes_verify_names(betons, monkeypatch, verify, checked_passes):
+    checked = []
+    check_records = Beton.check_records
+    monkeypatch.setattr(Beton, "check_records",
+                        lambda self, batch, stored: checked.append(len(batch)) or check_records(self, batch, stored))
+    spec = ffcv_spec(betons / "train.beton", resolution=24, batch_size=8)
+    spec.options = LoaderConfig(name="ffcv", ffcv=FfcvOptions(verify=verify))
+    _epochs(loaders.build_loader("ffcv", spec), 3)
+    assert checked == [8] * 12 * checked_passes  # every batch of each checked pass, none of the others
+
+
+def test_inspect_verify_names_a_record_whose_bytes_changed(betons, tmp_path, capsys):
+    assert inspect_beton(betons / "train.beton", verify=True)["checksums"] == "stored"
+    changed = _with_record_changed(betons / "train.beton", tmp_path / "train.beton", record=5)
+    assert main(["inspect", str(changed), "--verify"]) == 2
+    assert "'record 5': 'its bytes are not those convert wrote (checksum mismatch)'" in capsys.readouterr().out
+
+
+def test_a_file_without_checksums_loads_with_a_notice(betons, tmp_path, capsys):
+    """As FFCV's own writer (or an older convert) leaves it: the tables are still checked."""
+    plain = tmp_path / "train.beton"
+    shutil.copy(betons / "train.beton", plain)
+    meta = json.loads((betons / "train.beton.json").read_text())
+    del meta["record_sums"]
+    (tmp_path / "train.beton.json").write_text(json.dumps(meta))
+    _epochs(loaders.build_loader("ffcv", ffcv_spec(plain, resolution=24, batch_size=8)), 1)
+    assert "no record checksums" in capsys.readouterr().out
+    assert inspect_beton(plain)["checksums"].startswith("none")
