@@ -118,6 +118,9 @@ class RuntimeConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     compile: str = "auto"  # auto (on for CUDA) | true | false
     compile_backend: str = "inductor"
+    # default | reduce-overhead (CUDA graphs: one per shape of the plan, replayed; less launch overhead for small
+    # per-GPU batches) | max-autotune (also searches kernel configurations: long first compiles, CUDA graphs too)
+    compile_mode: str = "default"
     channels_last: bool = True
     tta_flip: bool = False  # evaluate on image + its mirror
     out_dir: str = ""  # "": runs/<arch>-<timestamp>
@@ -156,6 +159,7 @@ CHOICES = {
     "runtime.device": ("auto", "cpu", "cuda"),
     "runtime.precision": ("auto", "bf16", "fp16", "fp32"),
     "runtime.compile": ("auto", "true", "false"),
+    "runtime.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "runtime.preempt_signal": ("", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"),
 }
 
@@ -382,6 +386,9 @@ def validate(cfg: Config) -> None:
     if cfg.runtime.checkpoint_every_min and cfg.runtime.checkpoint_every_min < 1:
         raise UserError("config: 'runtime.checkpoint_every_min' must be 0 (off) or at least 1, got "
                         f"{cfg.runtime.checkpoint_every_min}")
+    if cfg.runtime.compile_mode != "default" and cfg.runtime.compile_backend != "inductor":
+        raise UserError(f"config: 'runtime.compile_mode={cfg.runtime.compile_mode}' is a mode of the inductor "
+                        f"backend, not of '{cfg.runtime.compile_backend}' (runtime.compile_backend)")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise UserError(f"config: 'optim.ema_decay' must be in [0, 1) (0: off), got {cfg.optim.ema_decay}")
     if cfg.runtime.ddp_static_graph and cfg.optim.accum_steps > 1:

@@ -40,10 +40,11 @@ def evaluate(forward, model, loader, rt: Runtime, per_rank_batch: int, tta_flip:
             images = torch.cat([images, images[:1].expand(missing, *images.shape[1:])]).contiguous(
                 memory_format=torch.channels_last)
             labels = torch.cat([labels, labels.new_full((missing,), -1)])
+        rt.step_begin()
         with rt.autocast():
             logits = forward(images)
-            if tta_flip:
-                logits = logits + forward(images.flip(3))
+            if tta_flip:  # a copy: under CUDA graphs the second replay may overwrite the first one's output
+                logits = logits.clone() + forward(images.flip(3))
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]

@@ -53,6 +53,20 @@ class Runtime:
     device: torch.device
     precision: str  # bf16 | fp16 | fp32
     compile: bool
+    compile_mode: str = "default"  # torch.compile's mode (runtime.compile_mode)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether compiled code replays CUDA graphs: inductor's reduce-overhead and max-autotune modes turn on
+        triton.cudagraphs (torch/_inductor: list_mode_options), which applies on CUDA only."""
+        return self.compile and self.device.type == "cuda" and self.compile_mode in ("reduce-overhead", "max-autotune")
+
+    def step_begin(self) -> None:
+        """A new training step starts. Under CUDA graphs the outputs of the last step's graphs may be overwritten from
+        here on; said explicitly because gradient accumulation and evaluation between steps make the boundary
+        something torch cannot infer."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -92,7 +106,7 @@ def resolve_runtime(cfg: Config, local_rank: int = 0) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, precision, compile_)
+    return Runtime(device, precision, compile_, rt.compile_mode)
 
 
 def seed_everything(seed: int) -> None:
@@ -115,7 +129,8 @@ def compile_module(module: torch.nn.Module, rt: Runtime, backend: str, distinct_
     # as the only trace. The limit covers every shape the plan can show, so hitting it means a guard we did not
     # expect: stop with Dynamo's error instead (a resume continues the run, with a fresh cache).
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(module, dynamic=False, backend=backend)
+    mode = None if rt.compile_mode == "default" else rt.compile_mode
+    return torch.compile(module, dynamic=False, backend=backend, mode=mode)
 
 
 def recompile_limit(distinct_shapes: int) -> int:

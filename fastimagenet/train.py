@@ -48,6 +48,7 @@ def train_step(run: Training, images: torch.Tensor, labels: torch.Tensor, accum_
     """One forward/backward of a micro-batch; with `update`, the optimizer step (and EMA update) that ends an
     accumulation. No host-device sync: returns the loss as a device tensor."""
     cfg = run.cfg
+    run.rt.step_begin()
     # DDP: accumulation micro-steps skip the gradient all-reduce; only the step that updates the weights syncs.
     no_sync = getattr(run.train_module, "no_sync", contextlib.nullcontext)
     with contextlib.nullcontext() if update else no_sync():

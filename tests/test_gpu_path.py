@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastimagenet.config import OptimConfig, load_config
+from fastimagenet.config import OptimConfig, from_saved, load_config, save_config
+from fastimagenet.errors import UserError
 from fastimagenet.ema import ModelEma
 from fastimagenet.models import Normalized, build_model
 from fastimagenet.optim import build_optimizer
@@ -146,6 +147,39 @@ def test_batches_copied_ahead_on_a_side_stream_are_the_host_batches():
     for (images, labels), (on_device, labels_there) in zip(host, out):
         assert on_device.is_cuda and on_device.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(on_device.cpu(), images.permute(0, 3, 1, 2)) and torch.equal(labels_there.cpu(), labels)
+
+
+@pytest.mark.parametrize("mode, graphs", [("default", False), ("reduce-overhead", True), ("max-autotune", True)])
+def test_the_compile_mode_reaches_inductor_and_says_when_steps_replay_cuda_graphs(mode, graphs):
+    """runtime.compile_mode is torch.compile's mode; the loop marks each step's start only where CUDA graphs replay
+    (on CUDA), since a graph's outputs are overwritten by its next replay."""
+    forward = compile_module(nn.Linear(2, 2), Runtime(torch.device("cpu"), "fp32", True, mode), "inductor", 1)
+    assert forward.get_compiler_config()["triton.cudagraphs"] is graphs  # read before anything compiles
+    assert Runtime(torch.device("cuda", 0), "bf16", True, mode).cuda_graphs is graphs
+    assert not Runtime(torch.device("cpu"), "fp32", True, mode).cuda_graphs
+    assert not Runtime(torch.device("cuda", 0), "bf16", False, mode).cuda_graphs
+
+
+def test_a_compile_mode_is_recorded_and_belongs_to_inductor(tmp_path):
+    cfg = load_config(None, ["runtime.compile_mode=reduce-overhead"])
+    assert cfg.runtime.compile_mode == "reduce-overhead"
+    save_config(cfg, tmp_path / "config.yaml")
+    assert from_saved(tmp_path / "config.yaml").runtime.compile_mode == "reduce-overhead"
+    with pytest.raises(UserError, match="must be one of default, reduce-overhead, max-autotune"):
+        load_config(None, ["runtime.compile_mode=fast"])
+    with pytest.raises(UserError, match="a mode of the inductor backend, not of 'eager'"):
+        load_config(None, ["runtime.compile_mode=max-autotune", "runtime.compile_backend=eager"])
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_across_a_shape_change_and_evaluate_with_flip_tta(jpeg_dataset, tmp_path):
+    """reduce-overhead: one CUDA graph per shape of the plan, replayed; the flipped second forward of TTA must not
+    overwrite the first one's logits."""
+    metrics = train("torchvision", jpeg_dataset, tmp_path / "run", "runtime.device=cuda", "runtime.compile=true",
+                    "runtime.compile_mode=reduce-overhead", "runtime.tta_flip=true", "epochs=4",
+                    "schedule.stages=0,32,16;2,48,16", "optim.ema_decay=0.9")
+    assert [m["resolution"] for m in metrics] == [32, 32, 48, 48]
+    assert metrics[-1]["val_top1"] >= 0.6 and math.isfinite(metrics[-1]["ema_val_loss"])
 
 
 @pytest.mark.gpu
