@@ -96,12 +96,18 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    lr: str = "linear_ramp"  # step | cosine | onecycle | linear_ramp
+    lr: str = "linear_ramp"  # step | cosine | onecycle | linear_ramp | plateau (fastimagenet/plateau.py)
     warmup: float = 0.0  # fraction of the run with a linear warm-up from 0
     peak: float = 0.125  # linear_ramp / onecycle: fraction of the run where the LR peaks
     end_lr_ratio: float = 0.0  # final LR / peak LR
     milestones: tuple[float, ...] = (0.33, 0.67)  # step: fractions of the run where LR is multiplied by gamma
     gamma: float = 0.1
+    # plateau: the LR (warm-up, then the peak) times plateau_factor after plateau_patience validated epochs whose
+    # val top-1 did not beat the best by plateau_threshold (a fraction), down to plateau_min_lr_ratio of the peak
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    plateau_threshold: float = 0.001
+    plateau_min_lr_ratio: float = 0.001
     # Progressive resizing, either explicit stages "epoch,resolution,batch;..." (or a YAML list of [epoch,
     # resolution, batch]) or a ramp:
     stages: tuple[Stage, ...] = ()
@@ -155,7 +161,7 @@ CHOICES = {
     "loader.ffcv.order": ("random", "quasi_random"),
     "loader.ffcv.verify": ("off", "first-epoch", "always"),
     "optim.name": ("sgd", "adamw"),
-    "schedule.lr": ("step", "cosine", "onecycle", "linear_ramp"),
+    "schedule.lr": ("step", "cosine", "onecycle", "linear_ramp", "plateau"),
     "runtime.device": ("auto", "cpu", "cuda"),
     "runtime.precision": ("auto", "bf16", "fp16", "fp32"),
     "runtime.compile": ("auto", "true", "false"),
@@ -403,6 +409,11 @@ def validate(cfg: Config) -> None:
     for key in ("warmup", "peak", "end_lr_ratio"):
         if not 0 <= getattr(cfg.schedule, key) <= 1:
             raise UserError(f"config: 'schedule.{key}' must be in [0, 1], got {getattr(cfg.schedule, key)}")
+    plateau = cfg.schedule
+    if not (0 < plateau.plateau_factor < 1 and plateau.plateau_patience >= 1 and plateau.plateau_threshold >= 0
+            and 0 < plateau.plateau_min_lr_ratio <= 1):
+        raise UserError("config: need 0 < schedule.plateau_factor < 1, schedule.plateau_patience >= 1, "
+                        "schedule.plateau_threshold >= 0 and 0 < schedule.plateau_min_lr_ratio <= 1")
     _validate_stages(cfg.schedule.stages, cfg.epochs)
     batches = [cfg.optim.batch_size] + [stage.batch for stage in cfg.schedule.stages]
     if any(batch % cfg.optim.accum_steps for batch in batches):

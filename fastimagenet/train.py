@@ -100,7 +100,7 @@ def train_one_epoch(run: Training, row: EpochPlan, stop: StopSignals, position: 
         if step == first + _TIMING_WARMUP_STEPS:
             rt.synchronize()  # sync: start the throughput clock after warm-up (once per epoch)
             timed_start, timed_images = time.perf_counter(), images_seen
-        set_lr(run.optimizer, run.plan.lr(row.epoch, step, steps))
+        set_lr(run.optimizer, run.plan.lr(row.epoch, step, steps) * run.lr_scale)
         group = accumulation_group(step, steps, row.accum_steps)
         update = (step + 1) % row.accum_steps == 0 or step + 1 == steps
         loss_sum += train_step(run, images, labels, group, update)
@@ -257,11 +257,15 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
             skipped = all_reduce_sum(torch.tensor(float(len(run.train_loader.skipped) + len(run.val_loader.skipped)),
                                                   device=rt.device))
             record = epoch_record(
-                row, result, val, lr_end=plan.lr_end(epoch), skipped_files=int(skipped.item()),  # sync: per epoch
+                row, result, val, lr_end=plan.lr_end(epoch) * run.lr_scale,
+                skipped_files=int(skipped.item()),  # sync: once per epoch
                 flops_per_image=run.flops.per_image(row.resolution), peak_tflops=peak, devices=env.world_size,
                 gpu_mem_gib=torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None)
             if val:
                 keeper.rank(epoch, val["val_top1"], val.get("ema_val_top1"))
+            if val and run.plateau is not None and run.plateau.observe(val["val_top1"]):
+                say(f"val top-1 flat for {run.plateau.patience} validated epochs: LR x{run.plateau.factor:g} from "
+                    f"epoch {epoch + 1} (now x{run.plateau.scale:g} of the plan's)")
             if env.is_main:
                 logger.log_epoch(record)
                 keeper.save(run.state(epoch, keeper.best_top1(), best_ranking=keeper.ranking,

@@ -19,6 +19,7 @@ from fastimagenet.flops import TrainFlops
 from fastimagenet.models import Normalized, build_model
 from fastimagenet.optim import build_optimizer
 from fastimagenet.plan import Plan
+from fastimagenet.plateau import Plateau, plateau_of
 from fastimagenet.runtime import Runtime, compile_module
 from loaders.base import Loader, LoaderSpec
 
@@ -40,6 +41,12 @@ class Training:
     val_loader: Loader | None
     flops: TrainFlops
     keeps_gradients: bool  # zero gradients in place, never drop them (DDP's bucket views: distributed.py)
+    plateau: Plateau | None  # schedule.lr=plateau: the validation-driven LR scale
+
+    @property
+    def lr_scale(self) -> float:
+        """What the plan's LR is multiplied by: the plateau's drops so far (1 for every other schedule)."""
+        return self.plateau.scale if self.plateau else 1.0
 
     def state(self, epoch: int, best_top1: float, **extra) -> dict:
         """A checkpoint of the run as of the end of `epoch`."""
@@ -47,6 +54,8 @@ class Training:
                                classes=self.train_loader.classes, **extra)
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.state_dict()
         return state
 
 
@@ -89,12 +98,15 @@ def build_training(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     ema = ModelEma(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    plateau = plateau_of(cfg.schedule)
     if state is not None:  # before DDP, which starts every rank from rank 0's weights
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
+        if plateau is not None and "plateau" in state:
+            plateau.load_state_dict(state["plateau"])
         restore_rng_state(state["rng"])
     train_module = wrap_ddp(Normalized(model).to(rt.device), env, rt.device, cfg.runtime.ddp_bucket_mb,
                             cfg.runtime.ddp_static_graph)
@@ -106,4 +118,4 @@ def build_training(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(
     return Training(cfg=cfg, plan=plan, rt=rt, env=env, model=model, train_module=train_module, forward=forward,
                     optimizer=optimizer, scaler=scaler, ema=ema, ema_forward=ema_forward,
                     train_loader=train_loader, val_loader=val_loader, flops=TrainFlops(make_model),
-                    keeps_gradients=keeps_gradients(train_module))
+                    keeps_gradients=keeps_gradients(train_module), plateau=plateau)

@@ -142,6 +142,22 @@ def test_two_processes_shard_agree_and_match_one_process(name, one_per_class, tm
 
 
 @pytest.mark.slow
+def test_every_rank_drops_the_plateau_lr_at_the_same_epoch(one_per_class, tmp_path):
+    """The drop reads the validation figures, which every rank holds alike after their all-reduce: the replicas
+    keep one LR (their weights stay identical) and drop it after epoch 1 (no top-1 beats a threshold of 1)."""
+    overrides = _overrides("synthetic", one_per_class, tmp_path / "run") + [
+        "epochs=3", "schedule.lr=plateau", "schedule.plateau_patience=1", "schedule.plateau_factor=0.5",
+        "schedule.plateau_threshold=1"]
+    store = _store()
+    mp.spawn(_rank_main, args=(2, store.port, overrides, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    lrs = [record["lr"] for record in read_metrics(tmp_path / "run")]
+    assert lrs[2] == pytest.approx(lrs[1] / 2) and ranks[0]["record"]["lr"] == ranks[1]["record"]["lr"] == lrs[2]
+    for key, tensor in ranks[0]["params"].items():
+        assert torch.equal(tensor, ranks[1]["params"][key]), key
+
+
+@pytest.mark.slow
 def test_replicas_end_with_the_same_bn_statistics_and_the_same_ema(one_per_class, tmp_path):
     """Each rank updates BatchNorm statistics (and the EMA of them) from its own shard; both are averaged over the
     ranks before evaluation, so every rank evaluates, and rank 0 saves, the same models."""

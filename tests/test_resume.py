@@ -76,6 +76,30 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(jpeg_dataset, tmp_path)
 
 
 @pytest.mark.slow
+def test_plateau_drops_resume_where_the_uninterrupted_run_drops(jpeg_dataset, tmp_path, capsys):
+    """No top-1 beats the best by a threshold of 1: after the first validation every one is flat, so with patience
+    1 the LR halves after epochs 1 and 2. A run killed before epoch 2 must resume at the halved LR."""
+    plateau = ["schedule.lr=plateau", "schedule.plateau_patience=1", "schedule.plateau_factor=0.5",
+               "schedule.plateau_threshold=1", "schedule.plateau_min_lr_ratio=0.01"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    with _paused_run(jpeg_dataset, killed, 4, (2, 0), *plateau) as process:  # epochs 0 and 1 finished
+        process.signal(signal.SIGKILL)
+        assert process.finish() == -signal.SIGKILL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--resume", str(killed)]) == 0
+        assert main([*_args(jpeg_dataset, full, epochs=4), *plateau]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "LR x0.5 from epoch 2 (now x0.5 of the plan's)" in capsys.readouterr().out
+    a, b = read_metrics(full), read_metrics(killed)
+    assert [r["lr"] for r in b] == [r["lr"] for r in a]
+    assert [round(r["lr"] / a[0]["lr"], 6) for r in a] == [1, 1, 0.5, 0.25]
+    assert [r["train_loss"] for r in b] == pytest.approx([r["train_loss"] for r in a], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exports(jpeg_dataset, tmp_path):
     out = tmp_path / "run"
     with _paused_run(jpeg_dataset, out, 6, (1, 3), "schedule.stages=0,24,8") as process:  # 12 steps an epoch

@@ -59,3 +59,24 @@ def test_cosine_with_warmup():
     assert lr_factor(0.1, s) == pytest.approx(1.0)
     assert lr_factor(0.55, s) == pytest.approx(0.5)
     assert lr_factor(1.0, s) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_plateau_drops_after_patience_flat_validations_down_to_its_floor():
+    from fastimagenet.plateau import Plateau
+
+    plateau = Plateau(factor=0.5, patience=2, min_scale=0.25, threshold=0.01)
+    drops = [plateau.observe(top1) for top1 in (0.50, 0.505, 0.50, 0.60, 0.60, 0.59, 0.5, 0.5, 0.5)]
+    # 0.505 is within the threshold of the best: flat, like 0.50; 0.60 a new best; the floor stops the third drop
+    assert drops == [False, False, True, False, False, True, False, False, False]
+    assert plateau.scale == 0.25 and plateau.best == 0.60
+    again = Plateau(factor=0.5, patience=2, min_scale=0.25, threshold=0.01)
+    again.load_state_dict(plateau.state_dict())
+    assert again == plateau
+
+
+def test_the_plateau_plan_is_the_warm_up_then_the_peak():
+    cfg = load_config(None, ["schedule.lr=plateau", "schedule.warmup=0.25", "epochs=8", "optim.lr=0.4"])
+    plan = build_plan(cfg)
+    assert [round(plan.lr(epoch, 0, 1) / plan.lr(7, 1, 1), 3) for epoch in range(4)] == [0.0, 0.5, 1.0, 1.0]
+    with pytest.raises(Exception, match="plateau_factor"):
+        load_config(None, ["schedule.lr=plateau", "schedule.plateau_factor=1.5"])
