@@ -16,6 +16,9 @@
 - As in FFCV, a batch lives in a buffer that is reused a few batches later: consume it before asking for more
   (the training loop does). On a GPU a slot's pinned host buffer is reused only once the copy out of it has run
   (FFCV guards only the device buffer), and host buffers FFCV could not pin are reported.
+- Damage: the file's tables are checked when it opens (dataset_tools/beton_check.py), so FFCV never follows a pointer
+  a bad disk or a torn copy changed; with `loader.ffcv.verify`, the epoch thread checks each batch's records
+  against convert's checksums before they are decoded (dataset_tools/record_sums.py).
 - FFCV's epoch thread is given the loader's GPU as its current device (_DeviceEpochIterator), so a torchrun
   process never opens a CUDA context on another process's GPU.
 - Threads: FFCV's `Compiler.set_num_threads` sets numba's *and torch's* thread count of the thread that calls it
