@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dataset_tools.beton_file import Beton
 from dataset_tools.image_rules import MIN_STORED_SIDE, header_problem, to_plain_mode
+from dataset_tools.record_sums import SUM_NAME, encode_sums
 from dataset_tools.scan import FolderScan, scan_image_folder
 from fastimagenet.atomic import atomic_output
 from fastimagenet.errors import UserError
@@ -161,9 +163,6 @@ def write_sidecar(beton: Path, classes: list[str], images: int, written: Path | 
     `written` (the finished file, maybe still under its temporary name), each record's checksum."""
     meta = dict(version=SIDECAR_VERSION, classes=list(classes), images=images, **settings)
     if written is not None:
-        from dataset_tools.inspect_beton import Beton  # it reads sidecars: imported where it is needed
-        from dataset_tools.record_sums import SUM_NAME, encode_sums
-
         meta[SUM_NAME] = encode_sums(Beton(written).sums())
     with atomic_output(sidecar_path(beton)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))

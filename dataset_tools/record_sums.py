@@ -46,8 +46,12 @@ def encode_sums(sums: np.ndarray) -> str:
     return base64.b64encode(sums.astype("<u4").tobytes()).decode("ascii")
 
 
-def decode_sums(text: str, count: int) -> np.ndarray | None:
-    """The sums stored for `count` records, or None when they do not fit the file (a stale or damaged sidecar)."""
+def stored_sums(sidecar: dict | None, count: int) -> np.ndarray | None:
+    """The sums a sidecar holds for a file of `count` records, or None: no sidecar, a file written by FFCV itself or
+    by an older convert, or sums that do not fit the file (a stale or damaged sidecar)."""
+    text = (sidecar or {}).get(SUM_NAME)
+    if text is None:
+        return None
     try:
         sums = np.frombuffer(base64.b64decode(text, validate=True), dtype="<u4")
     except ValueError:

@@ -40,8 +40,9 @@ import numba
 import numpy as np
 import torch
 
+from dataset_tools.beton_file import Beton
 from dataset_tools.convert import read_sidecar
-from dataset_tools.inspect_beton import Beton
+from dataset_tools.record_sums import stored_sums
 from fastimagenet.errors import UserError
 from fastimagenet.runtime import importing_ffcv, torch_threads_kept
 from loaders.augment import crop_windows
@@ -227,9 +228,8 @@ def warn_if_unpinned(buffers: dict) -> None:
               "`--ulimit memlock=-1`) or lower the batch size")
 
 
-def _record_check(beton: Beton, verify: str) -> Callable[[np.ndarray], None] | None:
-    """What checks a batch's records against their stored checksums (loader.ffcv.verify), or None."""
-    stored = beton.stored_sums()
+def _record_check(beton: Beton, stored: np.ndarray | None, verify: str) -> Callable[[np.ndarray], None] | None:
+    """What checks a batch's records against their `stored` checksums (loader.ffcv.verify), or None."""
     if stored is None:
         print(f"notice: {beton.path}: no record checksums (a file written by FFCV itself, or by an older "
               "`fastimagenet convert`): its tables are checked, the bytes of its images are not")
@@ -246,7 +246,7 @@ class FfcvLoader:
                             "root, or pass --classes-from TRAIN.beton to `fastimagenet convert`")
         beton = Beton(path)
         beton.check_tables(len(meta["classes"]))  # a damaged file stops here, before FFCV reads a record
-        self._record_check = _record_check(beton, spec.options.ffcv.verify)
+        self._record_check = _record_check(beton, stored_sums(meta, len(beton.images)), spec.options.ffcv.verify)
         self._passes = 0
         self.spec, self.classes = spec, list(meta["classes"])
         self.skipped: dict[str, str] = {}  # files that did not decode were left out (and reported) by convert

@@ -20,7 +20,7 @@ from PIL import Image
 
 from dataset_tools.convert import ConvertOptions, convert_split, load_rgb
 from dataset_tools.image_rules import MIN_STORED_SIDE
-from dataset_tools.inspect_beton import Beton
+from dataset_tools.beton_file import Beton
 from fastimagenet import checkpoint
 from fastimagenet.atomic import WriteFailed, atomic_output
 from fastimagenet.cli import main

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dataset_tools.beton_file import Beton
 from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb, read_sidecar
-from dataset_tools.inspect_beton import Beton, inspect_beton
+from dataset_tools.inspect_beton import inspect_beton
 from fastimagenet.cli import main
 from fastimagenet.errors import UserError
 from fastimagenet.runtime import importing_ffcv

@@ -61,7 +61,8 @@ def test_bad_sources_have_clear_errors(tiny_source, tmp_path):
 @pytest.mark.slow  # FFCV's writer start-up and its JIT: ~15 s
 def test_idx_files_become_betons_of_the_exact_pixels(tiny_source, tmp_path, capsys):
     from dataset_tools.fashion_mnist import _read_idx, fashion_mnist_betons
-    from dataset_tools.inspect_beton import Beton, inspect_beton
+    from dataset_tools.beton_file import Beton
+    from dataset_tools.inspect_beton import inspect_beton
 
     train, val = fashion_mnist_betons(tmp_path / "fm", source=tiny_source)
     assert "writing Fashion-MNIST" in capsys.readouterr().out

@@ -20,8 +20,9 @@ import torch
 
 import loaders
 from dataset_tools.beton_check import record_problems
+from dataset_tools.beton_file import Beton
 from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
-from dataset_tools.inspect_beton import Beton, inspect_beton
+from dataset_tools.inspect_beton import inspect_beton
 from fastimagenet import bench
 from fastimagenet.bench import bench_loader
 from fastimagenet.cli import main
