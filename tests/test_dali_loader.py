@@ -296,6 +296,16 @@ def test_out_of_memory_names_what_to_lower():
     assert isinstance(error, UserError) and "loader.dali.threads" in str(error) and "batch size" in str(error)
 
 
+def _both_arrived(store) -> None:
+    """Both ranks are here before the group forms: forming it is bounded by the group's timeout too, and a process
+    started under load can take longer than that to get this far (seen: 1 s was not enough beside a CPU hog)."""
+    store.add("arrived", 1)
+    deadline = time.monotonic() + 600  # a hang guard
+    while store.add("arrived", 0) < 2:
+        assert time.monotonic() < deadline, "the other rank never arrived"
+        time.sleep(0.01)
+
+
 def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str, slower_than_the_group: bool) -> None:
     os.environ["FASTIMAGENET_CACHE"] = cache
     checked = []
@@ -303,10 +313,11 @@ def _verify_as_rank(rank: int, port: int, root: str, cache: str, out: str, slowe
     verify.inspect_image = lambda path, formats: checked.append(path) or real(path, formats)
     timeout = timedelta(minutes=30)
     if slower_than_the_group:  # local rank 0's verification outlasts the process group's timeout
-        timeout, verify_ = timedelta(seconds=1), verify._verify
+        timeout, verify_ = timedelta(seconds=5), verify._verify
         if rank == 0:
-            verify._verify = lambda *args: time.sleep(3) or verify_(*args)
+            verify._verify = lambda *args: time.sleep(6) or verify_(*args)
     store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False)  # the test's own, see below
+    _both_arrived(store)
     torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timeout)
     try:
         good, bad, _ = verify.verified_samples(scan_image_folder(root), DALI_FORMATS, local_rank=rank)
