@@ -6,6 +6,7 @@ ImageNet archs are torchvision's own classes, so an exported state_dict loads in
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -28,6 +29,34 @@ MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
+# PyTorch's CPU convolutions (oneDNN) compute the weight gradient of a strided 1x1 convolution on channels-last input
+# through a scratch copy of the input that they overrun when it has fewer channels than their vector block (16 with
+# AVX-512, 8 with AVX2): the process crashes, or the gradient is silently wrong (oneDNN issue 6035). The narrow
+# *_small models have such layers: the shortcuts of their strided blocks at widths below 16.
+NARROW_SHORTCUT_CHANNELS = 16
+
+
+class SubsampledPointwiseConv2d(nn.Conv2d):
+    """A strided 1x1 convolution computed as the same convolution at stride 1 on every stride-th pixel: the same
+    parameters (and state_dict keys) and the same result, through kernels that have no strided 1x1 case."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.stride
+        return F.conv2d(x[:, :, ::rows, ::cols], self.weight, self.bias, groups=self.groups)
+
+
+def _subsample_narrow_shortcuts(model: nn.Module) -> None:
+    for block in model.modules():
+        if not isinstance(block, (BasicBlock, Bottleneck)) or block.downsample is None:
+            continue
+        conv = block.downsample[0]
+        if max(conv.stride) > 1 and conv.in_channels < NARROW_SHORTCUT_CHANNELS:
+            subsampled = SubsampledPointwiseConv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride,
+                                                   bias=conv.bias is not None)
+            subsampled.load_state_dict(conv.state_dict())  # keeps the model's initialisation
+            block.downsample[0] = subsampled
+
+
 class SmallImageResNet(resnet.ResNet):
     """torchvision's ResNet with a 3x3 stride-1 stem and no max-pool (for 28-64 px images), at any width."""
 
@@ -44,6 +73,7 @@ class SmallImageResNet(resnet.ResNet):
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
         _init_weights(self, zero_init_residual)
+        _subsample_narrow_shortcuts(self)
 
 
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:

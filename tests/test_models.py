@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 from fastimagenet.errors import UserError
 from fastimagenet.config import load_config
-from fastimagenet.models import ARCHS, Normalized, build_model
+from fastimagenet.models import ARCHS, Normalized, SubsampledPointwiseConv2d, build_model
 from fastimagenet.optim import param_groups
 
 
@@ -56,3 +61,43 @@ def test_normalize_keeps_channels_last():
     out = Normalized(nn.Identity())(images)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     assert abs(float(out[0, 0, 0, 0])) < 0.01  # 124 ~ the red channel mean
+
+
+def test_narrow_shortcuts_run_unstrided_with_the_same_result():
+    """A strided 1x1 convolution with < 16 input channels on channels-last input is where PyTorch's CPU kernels
+    crash or return a wrong weight gradient: narrow models compute those shortcuts unstrided, to the same result."""
+    model = build_model("resnet10_small", 4, width=8)
+    shortcuts = [block.downsample[0] for block in model.modules()
+                 if isinstance(block, BasicBlock) and block.downsample is not None]
+    assert [type(conv) for conv in shortcuts] == [SubsampledPointwiseConv2d, nn.Conv2d, nn.Conv2d]  # 8, 16, 32 in
+    plain = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+    plain.load_state_dict(shortcuts[0].state_dict())  # the same keys
+    images = torch.randn(4, 8, 47, 47).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(4, 16, 24, 24)
+
+    def gradients(conv):
+        inputs = images.clone().requires_grad_()
+        conv.zero_grad()
+        conv(inputs).backward(upstream)
+        return conv.weight.grad.clone(), inputs.grad
+
+    with torch.backends.mkldnn.flags(enabled=False):  # the reference kernels
+        expected = gradients(plain)
+    for got, want in zip(gradients(shortcuts[0]), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)  # (sums of 2304 products, reordered)
+
+
+def test_a_narrow_channels_last_model_trains_at_changing_resolutions():
+    """The shape that crashed (width 8, channels-last, 32 then 48 px): in a process of its own, so a crash is
+    reported here rather than ending the test run."""
+    step = textwrap.dedent("""
+        import torch
+        from fastimagenet.models import build_model
+        model = build_model("resnet10_small", 4, width=8).to(memory_format=torch.channels_last)
+        for size in (32, 48, 64):
+            images = torch.randn(16, 3, size, size).contiguous(memory_format=torch.channels_last)
+            model(images).sum().backward()
+        print("trained")
+    """)
+    done = subprocess.run([sys.executable, "-c", step], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "trained" in done.stdout, f"rc {done.returncode}: {done.stderr[-2000:]}"
