@@ -13,7 +13,6 @@ only where installed). It prints one table (check, result, figure) and writes th
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import tempfile
@@ -129,10 +128,6 @@ def _timed(name: str, check: Callable[[], str]) -> Check:
     except Exception as exc:  # noqa: BLE001 - every failure is a result to report
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return Check(name, "FAILED", last[:300])
-    finally:
-        # the check's loaders and models go now, not at exit: a DALI pipeline still alive while the interpreter
-        # shuts down (with FFCV's threads in the process) aborts it
-        gc.collect()
     return Check(name, "ok", f"{figure} ({time.perf_counter() - start:.0f} s)")
 
 

@@ -31,9 +31,13 @@
 
 from __future__ import annotations
 
+import atexit
+import threading
 import time
+import weakref
+from contextlib import suppress
 from pathlib import Path
-from queue import Full
+from queue import Empty, Full
 from typing import Callable, Iterator
 
 import numba
@@ -137,6 +141,10 @@ def _gpu_index(device: torch.device) -> int | None:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
+class _Closed(Exception):
+    """Raised in the epoch thread once its iterator is closed: it decodes no further batch."""
+
+
 class _DeviceEpochIterator(EpochIterator):
     """FFCV's epoch thread (it decodes and copies each batch to the GPU), made to use the loader's GPU first, and
     to hand a training batch's crop windows to the decoder just before decoding it.
@@ -165,6 +173,8 @@ class _DeviceEpochIterator(EpochIterator):
             if self.gpu is not None:
                 torch.cuda.set_device(self.gpu)
             super().run()
+        except _Closed:
+            pass
         except BaseException as exc:
             self.error = exc
             while not self.terminate_event.is_set():  # as FFCV hands over: until the consumer takes it or leaves
@@ -182,11 +192,29 @@ class _DeviceEpochIterator(EpochIterator):
                 raise self.error
             raise
 
+    def close(self) -> None:
+        """FFCV's close only asks its thread to stop (which it sees between batches once its queue is full, up to
+        0.5 s later) and frees the epoch's memory under a thread that may still decode into it. Here the thread stops
+        before its next batch and is gone before the memory goes. A thread left running when the program ends frees
+        its last batch (a tensor) while the interpreter shuts down, and that aborts the process ("terminate called
+        without an active exception")."""
+        self.terminate_event.set()
+        if self is not threading.current_thread():  # (the thread itself closes nothing it is still running)
+            while self.is_alive():
+                with suppress(Empty):
+                    self.output_queue.get_nowait()  # room for the batch (or the epoch's end) it may be putting
+                self.join(timeout=0.05)
+        if not self.closed:
+            super().close()
+            self.closed = True
+
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
         """One batch into its slot. FFCV's events keep a slot's *device* buffers until the training step has read
         them, but nothing keeps its pinned *host* buffers until the copy out of them has run: a CPU more than a
         slot cycle ahead of the GPU (a small model, a busy stream) would decode the next batch over a batch whose
         copy is still queued. So this thread (never the training thread) first waits for that copy."""
+        if self.terminate_event.is_set():
+            raise _Closed
         if batch_slot in self.copied:
             wait_until_done(self.copied[batch_slot])
         if self.check is not None:  # the batch's records are the bytes convert wrote, before they are decoded
@@ -198,6 +226,15 @@ class _DeviceEpochIterator(EpochIterator):
             self.copied[batch_slot] = torch.cuda.Event()
             self.copied[batch_slot].record(self.cuda_streams[batch_slot])
         return result
+
+
+@atexit.register
+def _close_epoch_threads() -> None:
+    """Epochs still being read when the program ends (a run stopped mid-epoch, `show-batch`'s one batch) are closed
+    while the interpreter still runs normally (see _DeviceEpochIterator.close)."""
+    for thread in threading.enumerate():
+        if isinstance(thread, _DeviceEpochIterator):
+            thread.close()
 
 
 def wait_until_done(event) -> None:
@@ -248,6 +285,8 @@ class FfcvLoader:
         beton.check_tables(len(meta["classes"]))  # a damaged file stops here, before FFCV reads a record
         self._record_check = _record_check(beton, stored_sums(meta, len(beton.images)), spec.options.ffcv.verify)
         self._passes = 0
+        # the epoch being read, while something reads it (its thread, the consumer): closed when the next starts
+        self._reading: weakref.ref[_DeviceEpochIterator] | None = None
         self.spec, self.classes = spec, list(meta["classes"])
         self.skipped: dict[str, str] = {}  # files that did not decode were left out (and reported) by convert
         self._decoder = _decoder(spec)
@@ -291,12 +330,17 @@ class FfcvLoader:
         loader.next_epoch += 1
         check = self._record_check if self._passes == 0 or spec.options.ffcv.verify == "always" else None
         self._passes += 1
-        if not spec.train:
-            return _DeviceEpochIterator(loader, order, spec.device, None, None, check)
-        sizes = self._sizes
-        return _DeviceEpochIterator(loader, order, spec.device,
-                                    lambda batch: crop_windows(batch, sizes, spec.seed, epoch, spec.augment),
-                                    self._window_node, check)
+        unfinished = self._reading() if self._reading is not None else None
+        if unfinished is not None:  # left mid-epoch (a stopped run, a bench pass): it decodes no more
+            unfinished.close()
+        windows = None
+        if spec.train:
+            sizes = self._sizes
+            windows = lambda batch: crop_windows(batch, sizes, spec.seed, epoch, spec.augment)  # noqa: E731
+        epoch_iterator = _DeviceEpochIterator(loader, order, spec.device, windows,
+                                              self._window_node if spec.train else None, check)
+        self._reading = weakref.ref(epoch_iterator)
+        return epoch_iterator
 
 
 def raw_pipeline(spec: LoaderSpec) -> _FfcvLoader:

@@ -130,6 +130,47 @@ def test_an_error_in_the_epoch_thread_reaches_the_training_loop(betons, monkeypa
         next(iter(loader))
 
 
+def _epoch_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if isinstance(thread, EpochIterator)]
+
+
+def test_an_epoch_left_unfinished_stops_its_thread_when_closed_or_when_the_next_starts(betons):
+    """A run stopped mid-epoch, a bench pass or `show-batch` leave an epoch unread: its decode thread must not run on
+    (into memory the next epoch reuses, or into the interpreter's shutdown)."""
+    loader = loaders.build_loader("ffcv", ffcv_spec(betons / "train.beton", resolution=24, batch_size=8))
+    assert not _epoch_threads()
+    first = iter(loader)
+    next(first)
+    second = iter(loader)
+    assert not first.is_alive() and _epoch_threads() == [second]
+    next(second)
+    second.close()
+    assert not _epoch_threads()
+    assert len(list(loader)) == len(loader)  # the loader reads whole epochs after both
+
+
+# Leaves an epoch after 2 batches and exits. The atexit handler registered first runs last (after the loader's own):
+# by then no epoch thread may be running, or one would free its batch while the interpreter shuts down and abort it.
+_LEAVES_AN_EPOCH = """
+import atexit, sys, threading
+atexit.register(lambda: print("epoch threads at exit", sum(type(t).__name__ == "_DeviceEpochIterator"
+                                                            for t in threading.enumerate())))
+import loaders
+from tests.conftest import make_spec
+batches = iter(loaders.build_loader("ffcv", make_spec(sys.argv[1], resolution=24, batch_size=8, name="ffcv")))
+next(batches), next(batches)
+print("left the epoch")
+"""
+
+
+def test_a_process_that_leaves_an_epoch_exits_cleanly(betons, tmp_path):
+    from tests.processes import run_to_end
+
+    done = run_to_end([sys.executable, "-c", _LEAVES_AN_EPOCH, str(betons / "train.beton")], tmp_path / "left.log")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "left the epoch" in done.stdout and "epoch threads at exit 0" in done.stdout, done.stdout[-3000:]
+
+
 def test_a_folder_or_a_file_without_sidecar_is_a_clear_error(jpeg_dataset, betons, tmp_path):
     with pytest.raises(UserError, match="reads a .beton file, not a folder.*fastimagenet convert"):
         loaders.build_loader("ffcv", ffcv_spec(jpeg_dataset / "train"))
