@@ -333,12 +333,11 @@ class FfcvLoader:
         unfinished = self._reading() if self._reading is not None else None
         if unfinished is not None:  # left mid-epoch (a stopped run, a bench pass): it decodes no more
             unfinished.close()
-        windows = None
+        windows = window_node = None
         if spec.train:
-            sizes = self._sizes
+            sizes, window_node = self._sizes, self._window_node
             windows = lambda batch: crop_windows(batch, sizes, spec.seed, epoch, spec.augment)  # noqa: E731
-        epoch_iterator = _DeviceEpochIterator(loader, order, spec.device, windows,
-                                              self._window_node if spec.train else None, check)
+        epoch_iterator = _DeviceEpochIterator(loader, order, spec.device, windows, window_node, check)
         self._reading = weakref.ref(epoch_iterator)
         return epoch_iterator
 

@@ -134,14 +134,19 @@ def _epoch_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if isinstance(thread, EpochIterator)]
 
 
-def test_an_epoch_left_unfinished_stops_its_thread_when_closed_or_when_the_next_starts(betons):
+def test_an_epoch_left_unfinished_stops_its_thread_when_closed_or_when_the_next_starts(betons, monkeypatch):
     """A run stopped mid-epoch, a bench pass or `show-batch` leave an epoch unread: its decode thread must not run on
     (into memory the next epoch reuses, or into the interpreter's shutdown)."""
+    decoded = []
+    decode = loaders.ffcv_loader._DeviceEpochIterator.run_pipeline
+    monkeypatch.setattr(loaders.ffcv_loader._DeviceEpochIterator, "run_pipeline",
+                        lambda self, *args: decoded.append(self) or decode(self, *args))
     loader = loaders.build_loader("ffcv", ffcv_spec(betons / "train.beton", resolution=24, batch_size=8))
     first = iter(loader)
     next(first)
     second = iter(loader)
     assert not first.is_alive() and second in _epoch_threads()
+    assert decoded.count(first) < len(loader)  # it stopped where it was, not at the epoch's end
     next(second)
     second.close()
     assert not second.is_alive()
