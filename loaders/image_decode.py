@@ -16,6 +16,8 @@ dataset_tools/image_rules.py) so that a file changed since is refused before any
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -42,6 +44,20 @@ class UnreadableImage(Exception):
 def single_threaded_worker(_worker_id: int) -> None:
     """DataLoader worker init: each worker is one process on one core; OpenCV's own thread pool would oversubscribe."""
     cv2.setNumThreads(1)
+
+
+@contextmanager
+def forking_workers() -> Iterator[None]:
+    """Around the start of forked DataLoader workers: OpenCV's thread pool is shrunk to one thread in the parent, so
+    each child inherits a pool it can use and resize. A child that inherits a running pool (the parent resized a
+    large image before) and changes its thread count (single_threaded_worker) waits for the pool's threads, which
+    did not come along with the fork, for ever. The parent's thread count is restored afterwards."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:

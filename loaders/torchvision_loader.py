@@ -27,7 +27,7 @@ from fastimagenet.errors import UserError
 from loaders.augment import TrainCrops, center_crop_box
 from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, copied_ahead, epoch_order,
                           local_world_size, rank_share)
-from loaders.image_decode import decode_crop, single_threaded_worker
+from loaders.image_decode import decode_crop, forking_workers, single_threaded_worker
 
 # How many following samples to try in place of an unreadable one, so an epoch never dies on one bad file.
 _SUBSTITUTE_TRIES = 16
@@ -185,7 +185,9 @@ class TorchvisionLoader:
     def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The DataLoader's batches, their unreadable files recorded (or, strict, an error)."""
         new = {}
-        for images, labels, failures in self._loader:
+        with forking_workers():  # the first pass starts the (persistent) workers
+            batches = iter(self._loader)
+        for images, labels, failures in batches:
             for path, reason in failures:
                 if self.spec.strict:
                     raise UserError(f"{path}: unreadable image ({reason}); set data.strict=false to skip such files")

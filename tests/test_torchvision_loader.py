@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +78,27 @@ def test_an_image_damaged_after_verification_is_replaced_and_reported(jpeg_datas
 def test_strict_mode_makes_a_bad_file_an_error(folder_with_bad_files):
     with pytest.raises(UserError, match=r"(truncated|not_really|a_gif)\.jpg: unreadable image"):
         loaders.build_loader("torchvision", make_spec(folder_with_bad_files, batch_size=96, strict=True))
+
+
+_AFTER_OPENCV_THREADS = """
+import sys
+import cv2, numpy as np
+import loaders
+from tests.conftest import make_spec
+cv2.resize(np.zeros((4000, 4000, 3), np.uint8), (8000, 8000))  # runs on OpenCV's thread pool, which now exists
+for images, labels in loaders.build_loader("torchvision", make_spec(sys.argv[1], workers=2)):
+    pass
+print("done")
+"""
+
+
+def test_workers_start_in_a_process_whose_opencv_pool_is_running(jpeg_dataset, tmp_path):
+    """A process that resized a large image with OpenCV before its loader started (a convert, a benchmark of another
+    backend): its forked workers used to wait for ever on the thread pool they inherited without its threads."""
+    run = subprocess.run([sys.executable, "-c", _AFTER_OPENCV_THREADS, str(jpeg_dataset / "train")],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "FASTIMAGENET_CACHE": str(tmp_path)})
+    assert run.returncode == 0 and run.stdout.split()[-1] == "done", run.stderr[-2000:]
 
 
 def test_reconfigure_keeps_the_same_worker_processes(jpeg_dataset):
