@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from dataset_tools.beton_file import Beton
-from dataset_tools.image_rules import MIN_STORED_SIDE, header_problem, to_plain_mode
+from dataset_tools.image_rules import MIN_STORED_SIDE, header_problem, jpeg_reduction, to_plain_mode
 from dataset_tools.record_sums import SUM_NAME, encode_sums
 from dataset_tools.scan import FolderScan, scan_image_folder
 from fastimagenet.atomic import atomic_output
@@ -114,6 +114,11 @@ def load_rgb(path: str, max_resolution: int) -> np.ndarray:
         if problem:
             raise ValueError(problem)
         img = to_plain_mode(img)  # palette, alpha, 16-bit: scaling needs a plain mode
+        reduction = jpeg_reduction(*img.size) if img.format == "JPEG" else 1
+        if reduction > 1:  # decoded whole it would not fit one decode's budget: at least 1/reduction, as for
+            # thumbnail's own draft below (which a first draft replaces) no less than the size it asks for
+            img.draft(img.mode, (min(img.width // reduction, 2 * max_resolution),
+                                 min(img.height // reduction, 2 * max_resolution)))
         # thumbnail: JPEGs are first reduced in the DCT domain (draft), then resampled; never enlarges
         img.thumbnail((max_resolution, max_resolution), Image.LANCZOS)
         width, height = img.size

@@ -28,11 +28,16 @@ from fastimagenet.atomic import atomic_output
 from fastimagenet.distributed import wait_for_every_rank
 from fastimagenet.errors import UserError
 
-_CACHE_VERSION = 3  # 2: the pixel limit and the shared format list; 3: image sizes
+_CACHE_VERSION = 4  # 2: the pixel limit and the shared format list; 3: image sizes; 4: the decode budget
+
+
+def cache_root() -> Path:
+    """Where the project keeps what it derives from datasets (verdicts, reduced copies): $FASTIMAGENET_CACHE."""
+    return Path(os.environ.get("FASTIMAGENET_CACHE", Path.home() / ".cache" / "fastimagenet"))
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FASTIMAGENET_CACHE", Path.home() / ".cache" / "fastimagenet")) / "verified"
+    return cache_root() / "verified"
 
 
 class Verdict(NamedTuple):

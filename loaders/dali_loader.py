@@ -30,6 +30,9 @@
   and DALI's pool does not grow by whatever batches the training step still holds. Decoding on CPU for a CUDA
   device, the batch is copied into pinned memory, so its host->device copy does not block. Labels go to the device
   once per epoch (one copy of the epoch's label vector); each batch takes a view of it.
+- A JPEG kept because its 1/8-scale decode fits one decode's budget (dataset_tools/image_rules.py) would be
+  decoded at full size by DALI, which has no DCT scaling: the reader reads it from a reduced copy
+  (loaders/reduced_jpegs.py), its crops drawn on the copy's size.
 - Files DALI cannot decode would kill the pipeline, so they leave the sample list up front (dataset_tools/verify.py,
   cached, once per node) and are reported like the other backends' skips. A pipeline that fails anyway says
   whether it ran out of memory or met a file it could not decode.
@@ -57,6 +60,7 @@ from fastimagenet.errors import UserError
 from loaders.augment import crop_windows
 from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device, rank_share,
                           to_device_nchw)
+from loaders.reduced_jpegs import within_budget
 
 # What this backend reads, as PIL names the formats: the formats every backend keeps (DALI's decoders read these and
 # JPEG 2000, but not GIF).
@@ -265,11 +269,12 @@ class DaliLoader:
         # sizes (from the headers) place the crop windows; kept as (width, height) rows of an array, where Python
         # tuples would take ~140 MB per process on ImageNet.
         samples, self.skipped, sizes = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
-        self._sizes = np.array(sizes, dtype=np.int32)
         self.spec, self.classes = spec, scan.classes
         self._decode_device = decode_device(spec)
         self._handover = handover(self._decode_device, spec.device)
-        self._paths = [path for path, _ in samples]
+        self._paths = [path for path, _ in samples]  # the dataset's files, which errors name
+        # what the file reader reads: the same files, but a JPEG above one decode's budget from a reduced copy
+        self._files, self._sizes = within_budget(self._paths, np.array(sizes, dtype=np.int32))
         self._labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
         self.first_step = 0
@@ -331,7 +336,7 @@ class DaliLoader:
         with pipe:
             # A last batch short of the batch size is padded with repeats of the last file; __iter__ keeps only the
             # real samples.
-            encoded, _ = fn.readers.file(files=[self._paths[i] for i in indices], random_shuffle=False,
+            encoded, _ = fn.readers.file(files=[self._files[i] for i in indices], random_shuffle=False,
                                          pad_last_batch=True)
             if spec.train:
                 windows = _CropWindows(indices, self._sizes, run.batch_size, spec.seed, run.epoch, spec.augment)

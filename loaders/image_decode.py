@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dataset_tools.image_rules import header_problem, to_plain_mode
+from dataset_tools.image_rules import JPEG_REDUCTIONS, header_problem, to_plain_mode
 from loaders.augment import Box, pixel_windows
 
 try:
@@ -33,7 +33,6 @@ except ImportError:  # a checkout never built (no compiler, no libjpeg-dev): eve
     print("notice: the JPEG region decoder (loaders/_jpeg_roi.c) is not built, so JPEGs decode whole through PIL "
           "(slower); `pip install -e .` builds it (needs gcc and libjpeg-dev)", file=sys.stderr)
 
-_DCT_SCALES = (1, 2, 4, 8)  # the reductions libjpeg-turbo's fast (SIMD) inverse DCTs give
 _AREA_FROM = 1.5  # the shrink from which the resize averages areas instead of interpolating (see _jpeg_crop)
 
 
@@ -74,14 +73,19 @@ def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
     return _jpeg_crop(path, box, size, flip)
 
 
+def _dct_scale(box: Box, size: int) -> int:
+    """The largest DCT reduction that leaves the box at least `size` pixels on its shorter side."""
+    reduction = min(box[2] - box[0], box[3] - box[1]) / size
+    return max(k for k in JPEG_REDUCTIONS if k <= max(1.0, reduction))
+
+
 def _jpeg_crop(path: str, box: Box, size: int, flip: bool) -> np.ndarray:
     with open(path, "rb") as file:
         data = file.read()
     # libjpeg fills a truncated file with grey and only warns; a whole JPEG has its end-of-image marker after the scan
     if not _has_end_marker(data):
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
-    reduction = min(box[2] - box[0], box[3] - box[1]) / size
-    scale = max(s for s in _DCT_SCALES if s <= max(1.0, reduction))
+    scale = _dct_scale(box, size)
     # the whole pixels of the scaled image
     left, top, right, bottom = pixel_windows(np.array([box]), 1 / scale, 1 / scale)[0].tolist()
     try:
@@ -114,6 +118,11 @@ def _has_end_marker(data: bytes) -> bool:
 
 
 def _pil_crop(img: Image.Image, box: Box, size: int, flip: bool) -> np.ndarray:
+    if img.format == "JPEG":  # a CMYK JPEG (or any without the region decoder): decoded at the DCT scale, as there
+        width, scale = img.width, _dct_scale(box, size)
+        drafted = img.draft(img.mode, (width // scale, img.height // scale))
+        if drafted is not None:  # the box in the reduced image's coordinates: PIL's decoder scales by 1/k exactly
+            box = tuple(c * drafted[1][2] / width for c in box)
     img = to_plain_mode(img)  # palette, alpha, 16-bit: resize needs a plain mode
     out = img.resize((size, size), Image.BILINEAR, box=box)
     if out.mode != "RGB":
