@@ -48,11 +48,12 @@ def test_the_checkout_reads_its_own_configs_and_a_missing_directory_is_named(tmp
         recipe_files(tmp_path / "gone")
 
 
-def _site_packages(python: Path | str) -> list[str]:
-    out = subprocess.run([str(python), "-c", "import json, sysconfig; p = sysconfig.get_paths(); "
-                          "print(json.dumps(sorted({p['purelib'], p['platlib']})))"],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+def _borrowed_paths() -> list[str]:
+    """This interpreter's import path beyond the standard library (the project's .venv: torch and the rest, and
+    whatever .pth files add to it), less any entry that holds the project's own packages (the checkout itself)."""
+    stdlib = Path(sysconfig.get_path("stdlib"))  # lib-dynload included
+    return [entry for entry in sys.path if entry and Path(entry).is_dir() and not Path(entry).is_relative_to(stdlib)
+            and not any((Path(entry) / package).exists() for package in ("fastimagenet", "loaders", "dataset_tools"))]
 
 
 def _run(command: list, cwd: Path, env: dict, timeout: float = 600) -> str:
@@ -93,9 +94,10 @@ def test_wheel_installed_outside_the_checkout_lists_the_recipes_and_trains(tmp_p
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], outside, env)
     python = venv / "bin" / "python"
-    venv_site = Path(_site_packages(python)[0])
-    (venv_site / "borrowed_dependencies.pth").write_text("\n".join(_site_packages(sys.executable)) + "\n")
-    # --ignore-installed: the borrowed site-packages hold this checkout's own (editable) install; leave it alone
+    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    (Path(venv_site) / "borrowed_dependencies.pth").write_text("\n".join(_borrowed_paths()) + "\n")
+    # --ignore-installed: the borrowed paths hold this checkout's own (editable) install; leave it alone
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel], outside, env)
 
     where = json.loads(_run([python, "-c", "import json, fastimagenet, loaders, dataset_tools; "
