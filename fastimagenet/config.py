@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import subprocess
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,20 @@ from dataset_tools.image_rules import MIN_STORED_SIDE
 from fastimagenet.errors import UserError
 from fastimagenet.models import ARCHS, check_model_options
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _source_and_configs() -> tuple[Path | None, Path]:
+    """(the source tree this package runs from, or None when installed; the recipes directory). The recipes are
+    configs/ of the source tree; pyproject.toml maps them into the package as `fastimagenet/configs` (package data),
+    so a wheel or `pip install .` carries them inside the package. A source tree (a checkout, an editable install
+    of one) has no `fastimagenet/configs` and reads configs/ beside the package: always its own recipes, even when
+    the checkout on sys.path is not the one an editable install points at."""
+    package = Path(str(importlib.resources.files(__package__)))
+    if (package / "configs").is_dir():
+        return None, package / "configs"
+    return package.parent, package.parent / "configs"
+
+
+SOURCE_TREE, CONFIGS_DIR = _source_and_configs()
 
 
 class Stage(NamedTuple):
@@ -306,6 +320,13 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- recipes
+def recipe_files(configs_dir: Path = CONFIGS_DIR) -> list[Path]:
+    """The recipe files, sorted; a missing directory is an error rather than an empty list of recipes."""
+    if not configs_dir.is_dir():
+        raise UserError(f"no recipes: {configs_dir} does not exist (an install without configs/ as package data?)")
+    return sorted(configs_dir.glob("*.yaml"))
+
+
 def recipe_path(name_or_path: str) -> Path:
     """A recipe is a YAML path or the name of a file in configs/ (without .yaml)."""
     path = Path(name_or_path)
@@ -316,7 +337,7 @@ def recipe_path(name_or_path: str) -> Path:
     candidate = CONFIGS_DIR / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate
-    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    names = [p.stem for p in recipe_files()]
     raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)} "
                     f"(recipes: {', '.join(names)})")
 
@@ -482,9 +503,13 @@ def to_dict(cfg: Config) -> dict:
 
 
 def git_commit() -> str:
+    """The commit of the source tree this package runs from; "unknown" outside git and for an installed wheel (a
+    venv inside some other repository must not lend its commit to the run)."""
+    if SOURCE_TREE is None:
+        return "unknown"
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=CONFIGS_DIR.parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=SOURCE_TREE, capture_output=True, text=True, timeout=10
         )
     except OSError:
         return "unknown"

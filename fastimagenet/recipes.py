@@ -1,5 +1,6 @@
-"""`fastimagenet recipes`: the recipes in configs/, each with its one-line purpose and, where a public result exists
-for a matching setup, that published figure — someone else's measurement, labelled as such, never ours."""
+"""`fastimagenet recipes`: the recipes in configs/ (config.CONFIGS_DIR, package data once installed), each with its
+one-line purpose and, where a public result exists for a matching setup, that published figure — someone else's
+measurement, labelled as such, never ours."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from fastimagenet.config import CONFIGS_DIR
+from fastimagenet.config import CONFIGS_DIR, recipe_files
 from fastimagenet.errors import UserError
 
 REFERENCE_LABEL = "published reference (not our result)"
@@ -33,7 +34,7 @@ def read_recipe(path: Path) -> Recipe:
 
 
 def list_recipes(configs_dir: Path = CONFIGS_DIR) -> list[Recipe]:
-    return [read_recipe(path) for path in sorted(configs_dir.glob("*.yaml"))]
+    return [read_recipe(path) for path in recipe_files(configs_dir)]
 
 
 def text_listing(recipes: list[Recipe], width: int = 110) -> str:
