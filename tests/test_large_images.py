@@ -69,35 +69,16 @@ def test_the_100_megapixel_jpeg_is_kept_and_what_cannot_be_bounded_is_refused(la
     assert "decompression bomb" in reason[BOMB].lower() and "refused before decoding" in reason[BOMB]
 
 
-_PEAK_MEMORY = r"""
-import re, sys
+_PEAK_MEMORY = """
+import sys
 from dataset_tools.convert import load_rgb
 from dataset_tools.verify import inspect_image
 from loaders.augment import center_crop_box
 from loaders.image_decode import _pil_crop, decode_crop
 from PIL import Image
+from tests.decode_memory import peak_growth, refused_everywhere
 
-def kib(field):
-    return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-def growth(phase):  # how far the peak resident memory rose above the memory in use while phase ran, in MiB
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # the peak (VmHWM) starts again from the memory in use now
-    start = kib("VmRSS")
-    phase()
-    return (kib("VmHWM") - start) // 1024
-
-def refuse_all():
-    for path in refused:
-        assert inspect_image(path).problem is not None, path
-        for attempt in (lambda: load_rgb(path, 512), lambda: decode_crop(path, lambda w, h: (0, 0, w, h), 64, False)):
-            try:
-                attempt()
-                raise SystemExit(path + " was decoded")
-            except SystemExit:
-                raise
-            except Exception:
-                pass
+big, *refused = sys.argv[1:]
 
 def keep_the_photo():
     assert inspect_image(big).problem is None
@@ -111,8 +92,8 @@ def decode_the_photo_whole():
     with Image.open(big) as img:
         img.load()
 
-big, *refused = sys.argv[1:]
-print(growth(refuse_all), growth(keep_the_photo), growth(decode_the_photo_whole))
+print(peak_growth(lambda: [refused_everywhere(path) for path in refused]), peak_growth(keep_the_photo),
+      peak_growth(decode_the_photo_whole))
 """
 
 
