@@ -26,7 +26,7 @@ from dataset_tools.verify import cache_root, kept_samples
 from loaders import dali_loader
 from tests.conftest import data_path, make_spec
 from tests.test_bad_files import bomb_png
-from tests.test_dali_loader import dali_spec
+from tests.test_dali_loader import cuda_spec, dali_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = 10_000  # 100 megapixels, as a medium-format camera writes (11648 x 8736 is 102 MP)
@@ -145,3 +145,16 @@ def test_dali_sees_from_the_reduced_copy_what_it_sees_from_the_photo(large, monk
     assert sum(len(labels) for _, labels in from_copy) == (12 if train_split else 17)
     for (a, labels_a), (b, labels_b) in zip(from_copy, from_photo):
         assert torch.equal(labels_a, labels_b) and (a.float() - b.float()).abs().mean(dim=(1, 2, 3)).max() < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train_split", [True, False])
+def test_gpu_decode_reads_the_reduced_copy_too(large, train_split):
+    """nvJPEG decodes the copy (25 MP: ~75 MB of device memory a decode instead of ~300 MB for the photo), and its
+    batches are the CPU decoder's within decoder noise."""
+    spec = dict(train=train_split, batch_size=6, resolution=32, seed=4)
+    gpu = loaders.build_loader("dali", cuda_spec(large, **spec))
+    cpu = loaders.build_loader("dali", dali_spec(large, **spec))
+    for (on_gpu, gpu_labels), (on_cpu, cpu_labels) in zip(gpu, cpu):
+        assert torch.equal(gpu_labels.cpu(), cpu_labels)
+        assert (on_gpu.cpu().float() - on_cpu.float()).abs().mean() < 3
