@@ -54,22 +54,18 @@ def header_problem(img: Image.Image) -> str | None:
         if stored is not None and stored < needed:
             return (f"{size}, but its {stored:,} bytes cannot hold them (a JPEG needs at least {needed:,}: a damaged "
                     "header or a decompression bomb); refused before decoding")
-    decoded = smallest_decode(img)
-    if decoded > DECODE_BUDGET:
-        how = ("decoded at 1/8 scale" if decoded < width * height else "decoded whole" if img.format != "JPEG"
-               else "a progressive or multi-scan JPEG, whose decoder holds the whole image")
+    if width * height > DECODE_BUDGET and not _decodes_scaled(img):
+        how = ("a progressive or multi-scan JPEG, whose decoder holds the whole image" if img.format == "JPEG"
+               else "decoded whole")
         return (f"{size} ({how}) is above the {DECODE_BUDGET / 1e6:.1f} MP budget of one decode (a decompression "
                 "bomb or a damaged header); refused before decoding")
     return None
 
 
-def smallest_decode(img: Image.Image) -> int:
-    """The pixels of the least costly decode of an opened image: a sequential JPEG's at 1/8 scale, anything else's
-    whole (see the module notes)."""
-    width, height = img.size
-    if img.format == "JPEG" and not jpeg_decodes_whole(img):
-        return math.ceil(width / 8) * math.ceil(height / 8)
-    return width * height
+def _decodes_scaled(img: Image.Image) -> bool:
+    """Whether the image decodes at 1/8 of its size within the budget: a sequential JPEG (at most 65535 x 65535, so
+    at most 67 MP at 1/8). Read only for images above the budget: it costs a few reads of the file."""
+    return img.format == "JPEG" and not jpeg_decodes_whole(img)
 
 
 def jpeg_reduction(width: int, height: int) -> int:
