@@ -102,6 +102,33 @@ static int read_region(struct job *job, unsigned char *out)
     return 0;
 }
 
+/* The same decode for callers without Python (the FFCV pipeline's compiled code, through ctypes): the box into
+ * `out` (`capacity` bytes), as rows of geometry[0] RGB pixels starting geometry[1] pixels left of the box. Returns
+ * the number of rows; -1 when libjpeg fails, -2 when the region does not fit `out`. Thread-safe: all state is on
+ * the stack. */
+long fastimagenet_decode_region(const unsigned char *data, unsigned long size, int denom, long left, long top,
+                                long right, long bottom, unsigned char *out, unsigned long capacity,
+                                unsigned int *geometry)
+{
+    struct job job;
+    if (denom != 1 && denom != 2 && denom != 4 && denom != 8)
+        return -1;
+    job.cinfo.err = jpeg_std_error(&job.err.pub);
+    job.err.pub.error_exit = error_exit;
+    job.err.pub.output_message = ignore_message;
+    if (start_region(&job, data, (size_t)size, denom, left, top, right, bottom) < 0)
+        return -1;
+    if ((unsigned long)(job.bottom - job.top) * job.width * 3 > capacity) {
+        jpeg_destroy_decompress(&job.cinfo);
+        return -2;
+    }
+    if (read_region(&job, out) < 0)
+        return -1;
+    geometry[0] = job.width;
+    geometry[1] = job.left - job.x_offset;
+    return (long)(job.bottom - job.top);
+}
+
 static PyObject *decode_region(PyObject *self, PyObject *args)
 {
     Py_buffer data;
