@@ -16,9 +16,10 @@ from typing import Iterator
 import torch
 
 import loaders
-from fastimagenet.config import Config, DataConfig, LoaderConfig
+from fastimagenet.config import Config, DataConfig
 from fastimagenet.errors import UserError
 from loaders.base import LoaderSpec
+from loaders.options import LoaderConfig
 
 
 def _one_pass(iterable) -> float:

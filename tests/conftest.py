@@ -10,9 +10,10 @@ from PIL import Image
 
 from dataset_tools.synthetic_jpegs import make_jpeg_folder
 from fastimagenet.cli import main
-from fastimagenet.config import DataConfig, LoaderConfig
+from fastimagenet.config import DataConfig
 from fastimagenet.metrics import read_metrics
 from loaders.base import LoaderSpec
+from loaders.options import LoaderConfig
 
 torch.set_num_threads(2)
 
