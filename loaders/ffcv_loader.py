@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import weakref
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from dataset_tools.beton_file import Beton
-from dataset_tools.convert import read_sidecar
+from dataset_tools.convert import ConvertOptions, convert_split, read_sidecar
 from dataset_tools.record_sums import stored_sums
 from fastimagenet.errors import UserError
 from fastimagenet.runtime import importing_ffcv, torch_threads_kept
@@ -74,6 +75,24 @@ def beton_path(spec: LoaderSpec) -> Path:
     if not path.exists():
         raise UserError(f"{path}: file does not exist (write it with `fastimagenet convert`)")
     return path
+
+
+def demo_data(home: Path) -> tuple[Path, Path]:
+    """The demo's Fashion-MNIST as this backend reads it: train and val .beton files, written once under `home`."""
+    from dataset_tools import fashion_mnist
+
+    return fashion_mnist.fashion_mnist_betons(home / "fashion-mnist-ffcv")
+
+
+def same_images(spec: LoaderSpec, scratch: str) -> str:
+    """The .beton `raw_pipeline` reads for the images of spec.path (a benchmark's baseline on the same images):
+    spec.path itself, or a .beton written into `scratch` from that folder the way FFCV's ImageNet example writes one
+    (JPEG, longer side at most 512 px, quality 90: ConvertOptions' defaults)."""
+    if spec.path.endswith(".beton"):
+        return spec.path
+    beton = os.path.join(scratch, "reference.beton")
+    convert_split(spec.path, beton, ConvertOptions(workers=spec.workers()))
+    return beton
 
 
 def _decoder(spec: LoaderSpec):
