@@ -4,7 +4,7 @@ fails only when that backend is chosen, with the command that installs it.
 This registry is the one list of backend names (the config and the command line take theirs from here), so it
 imports nothing else of the package: the config can read the names without importing any backend. A backend's line
 says what it reads; its module may add hooks the generic code looks for: `raw_pipeline` (the benchmark's baseline),
-`same_images` (converts a folder into the form it reads) and `demo_data` (the demo's data in that form).
+`data_from_folder` (an image folder in the form it reads) and `demo_data` (the demo's data in that form).
 """
 
 from __future__ import annotations
@@ -92,13 +92,18 @@ def build_raw_pipeline(name: str, spec: LoaderSpec):
     return module.raw_pipeline(spec)
 
 
+def data_from_folder(name: str, folder: str | Path, scratch: str | Path, workers: int = 0) -> str | Path:
+    """What backend `name` reads of the images of the ImageFolder `folder`: the folder itself, or those images in the
+    backend's own form, written once into the directory `scratch` (its `data_from_folder`)."""
+    convert = getattr(_backend_module(name), "data_from_folder", None)
+    return convert(folder, scratch, workers) if convert else folder
+
+
 def build_reference(name: str, spec: LoaderSpec, scratch: str):
-    """`build_raw_pipeline` of backend `name` on the images of spec.path in the form that backend reads: a backend
-    that reads another form than an image folder converts them into the directory `scratch` (its `same_images`)."""
-    same_images = getattr(_backend_module(name), "same_images", None)
-    if same_images is not None:
-        spec = dataclasses.replace(spec, path=same_images(spec, scratch))
-    return build_raw_pipeline(name, spec)
+    """`build_raw_pipeline` of backend `name` on the images of spec.path, converted into `scratch` first when that
+    backend reads another form (data_from_folder)."""
+    path = data_from_folder(name, spec.path, scratch, spec.workers())
+    return build_raw_pipeline(name, dataclasses.replace(spec, path=str(path)))
 
 
 def demo_data(name: str, home: Path) -> tuple[Path, Path] | None:

@@ -32,7 +32,6 @@
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 import time
 import weakref
@@ -84,14 +83,15 @@ def demo_data(home: Path) -> tuple[Path, Path]:
     return fashion_mnist.fashion_mnist_betons(home / "fashion-mnist-ffcv")
 
 
-def same_images(spec: LoaderSpec, scratch: str) -> str:
-    """The .beton `raw_pipeline` reads for the images of spec.path (a benchmark's baseline on the same images):
-    spec.path itself, or a .beton written into `scratch` from that folder the way FFCV's ImageNet example writes one
-    (JPEG, longer side at most 512 px, quality 90: ConvertOptions' defaults)."""
-    if spec.path.endswith(".beton"):
-        return spec.path
-    beton = os.path.join(scratch, "reference.beton")
-    convert_split(spec.path, beton, ConvertOptions(workers=spec.workers()))
+def data_from_folder(folder: str | Path, scratch: str | Path, workers: int = 0) -> Path:
+    """The images of the ImageFolder `folder` as this backend reads them: a .beton written once into the directory
+    `scratch` the way FFCV's ImageNet example writes one (JPEG, longer side at most 512 px, quality 90:
+    ConvertOptions' defaults; `workers` writer processes, 0: one per core). A .beton given as `folder` is kept."""
+    if str(folder).endswith(".beton"):
+        return Path(folder)
+    beton = Path(scratch) / f"{Path(folder).name}.beton"
+    if not beton.exists():
+        convert_split(folder, beton, ConvertOptions(workers=workers))
     return beton
 
 
