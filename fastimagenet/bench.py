@@ -16,9 +16,10 @@ from typing import Iterator
 import torch
 
 import loaders
-from fastimagenet.config import Config, DataConfig, LoaderConfig
+from fastimagenet.config import Config, DataConfig
 from fastimagenet.errors import UserError
 from loaders.base import LoaderSpec
+from loaders.options import LoaderConfig
 
 
 def _one_pass(iterable) -> float:
@@ -86,19 +87,6 @@ def image_folder_of(data: str) -> str:
     return source
 
 
-def ffcv_reference(spec: LoaderSpec, scratch: str):
-    """Raw FFCV (the library used by hand) reading a .beton of the same images: spec.path itself, or a .beton
-    written into `scratch` from that folder the way FFCV's ImageNet example writes one (JPEG, longer side at most
-    512 px, quality 90: ConvertOptions' defaults)."""
-    beton = spec.path
-    if not beton.endswith(".beton"):
-        from dataset_tools.convert import ConvertOptions, convert_split
-
-        beton = os.path.join(scratch, "reference.beton")
-        convert_split(spec.path, beton, ConvertOptions(workers=spec.workers()))
-    return loaders.build_raw_pipeline("ffcv", dataclasses.replace(spec, path=beton))
-
-
 def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers: int, device: str,
                  baselines: list[str], rounds: int = 3, options: LoaderConfig | None = None) -> dict:
     options = options or LoaderConfig(name=name, workers=workers)
@@ -111,10 +99,10 @@ def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers
         for baseline in baselines:
             if baseline == "torchvision":
                 pipeline = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)
-            elif baseline == "ffcv":
-                pipeline = ffcv_reference(spec, scratch)
-            else:
+            elif baseline == "raw":
                 pipeline = loaders.build_raw_pipeline(name, spec)
+            else:  # another backend's library used by hand, on the same images
+                pipeline = loaders.build_reference(baseline, spec, scratch)
             pipelines[f"{baseline}_images_per_s"] = pipeline
         figures, passes = compare_throughput(pipelines, rounds)
     result = {"loader": name, "resolution": resolution, "batch_size": batch_size, "workers": workers,

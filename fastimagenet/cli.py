@@ -59,15 +59,16 @@ def cmd_plot(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from dataset_tools.fashion_mnist import CLASSES, fashion_mnist_betons, prepare_fashion_mnist
+    from dataset_tools.fashion_mnist import CLASSES, prepare_fashion_mnist
     from fastimagenet.config import load_config
     from fastimagenet.train import fit
 
     loader = load_config("demo_fashion_mnist", _overrides(args)).loader.name  # the recipe's, or --loader's
-    # ffcv reads .beton files, the others image folders (each written once); synthetic reads nothing and is told the
-    # demo's classes
-    if loader == "ffcv":
-        train, val = fashion_mnist_betons(DATA_HOME / "fashion-mnist-ffcv")
+    # the data in the backend's own form, or image folders (each written once); synthetic reads nothing and is told
+    # the demo's classes
+    own_form = loaders.demo_data(loader, DATA_HOME)
+    if own_form:
+        train, val = own_form
     else:
         root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
         train, val = root / "train", root / "val"

@@ -18,9 +18,10 @@ from typing import NamedTuple
 import yaml
 
 import loaders
-from dataset_tools.image_rules import MIN_STORED_SIDE
 from fastimagenet.errors import UserError
 from fastimagenet.models import ARCHS, check_model_options
+from loaders import options as loader_options
+from loaders.options import LoaderConfig
 
 
 def _source_and_configs() -> tuple[Path | None, Path]:
@@ -58,30 +59,6 @@ class DataConfig:
     crop_ratio: float = 224 / 256  # eval: centre crop side / shorter image side
     val_resolution: int = 0  # 0: the last training stage's resolution
     val_batch_size: int = 0  # 0: optim.batch_size
-
-
-@dataclass
-class DaliOptions:
-    device: str = "auto"  # gpu (mixed decode) | cpu | auto (gpu when training on CUDA)
-    threads: int = 0  # 0: loader.workers, or its default (the process's share of the CPUs) when that is 0 too
-    hw_decoder_load: float = 0.65  # share of JPEG decode sent to the A100/H100 hardware decoder
-    prefetch: int = 2  # batches prepared ahead
-
-
-@dataclass
-class FfcvOptions:
-    order: str = "random"  # random | quasi_random
-    os_cache: bool = True  # memory-map the file (OS page cache, shared by the processes); false: per-process pages
-    verify: str = "first-epoch"  # off | first-epoch | always: each batch's records against convert's checksums
-
-
-@dataclass
-class LoaderConfig:
-    name: str = "torchvision"  # torchvision | dali | ffcv | synthetic
-    workers: int = 0  # 0: this process's share of the CPUs (affinity / LOCAL_WORLD_SIZE), half of it for val
-    synthetic_samples: int = 4096  # images per epoch for the synthetic loader
-    dali: DaliOptions = field(default_factory=DaliOptions)
-    ffcv: FfcvOptions = field(default_factory=FfcvOptions)
 
 
 @dataclass
@@ -171,9 +148,7 @@ class Config:
 CHOICES = {
     "loader.name": loaders.NAMES,
     "model.arch": tuple(ARCHS),
-    "loader.dali.device": ("auto", "gpu", "cpu"),
-    "loader.ffcv.order": ("random", "quasi_random"),
-    "loader.ffcv.verify": ("off", "first-epoch", "always"),
+    **loader_options.choices(),
     "optim.name": ("sgd", "adamw"),
     "schedule.lr": ("step", "cosine", "onecycle", "linear_ramp", "plateau"),
     "runtime.device": ("auto", "cpu", "cuda"),
@@ -440,40 +415,8 @@ def validate(cfg: Config) -> None:
     if any(batch % cfg.optim.accum_steps for batch in batches):
         raise UserError(f"config: every batch size ({', '.join(map(str, sorted(set(batches))))}) must be divisible "
                         f"by 'optim.accum_steps' ({cfg.optim.accum_steps})")
-    dali = cfg.loader.dali
-    if dali.prefetch < 1 or dali.threads < 0 or not 0 <= dali.hw_decoder_load <= 1:
-        raise UserError(f"config: need loader.dali.prefetch >= 1, loader.dali.threads >= 0 and "
-                        f"0 <= loader.dali.hw_decoder_load <= 1, got {dali.prefetch}, {dali.threads}, "
-                        f"{dali.hw_decoder_load}")
     check_model_options(cfg.model.arch, cfg.model.width, cfg.model.blurpool)
-    if not cfg.loader.ffcv.os_cache and cfg.loader.ffcv.order != "quasi_random":
-        # without the OS cache FFCV holds every page from the first to the last batch that needs it, which in a
-        # random order is about the whole file, in every process
-        raise UserError("config: 'loader.ffcv.os_cache=false' needs 'loader.ffcv.order=quasi_random' (with "
-                        f"'loader.ffcv.order={cfg.loader.ffcv.order}' each process would hold about the whole file "
-                        "in memory); keep loader.ffcv.os_cache=true or set loader.ffcv.order=quasi_random")
-    if cfg.loader.name == "ffcv":
-        _validate_ffcv_crops(cfg.data)
-
-
-def _validate_ffcv_crops(data: DataConfig) -> None:
-    """FFCV's decoders crop without a lower bound, and an empty crop aborts the whole process inside OpenCV's resize.
-    Refuse settings that give one on the smallest images convert stores (MIN_STORED_SIDE pixels a side)."""
-    side = MIN_STORED_SIDE
-    smallest = f"an image with a {side}-pixel side, the smallest `fastimagenet convert` stores"
-    if int(data.crop_ratio * side) == 0:  # the centre crop: int(crop_ratio * shorter side) pixels
-        raise UserError(f"config: 'data.crop_ratio={data.crop_ratio}' makes FFCV's centre crop 0 pixels wide on "
-                        f"{smallest} (FFCV crops int(crop_ratio * shorter side)), which aborts the process; with "
-                        f"--loader ffcv use at least 1/{side} = {1 / side}")
-    low, high = data.ratio
-    # When no drawn crop fits, the random-resized crop takes the whole image cut to the aspect-ratio range: an image
-    # `side` pixels wide keeps round(side / low) rows, one `side` pixels high round(side * high) columns. data.scale
-    # has no such case: a draw with an empty side is drawn again, then this fallback is taken.
-    if round(side / low) == 0 or round(side * high) == 0:
-        raise UserError(f"config: 'data.ratio={low},{high}' makes FFCV's random-resized crop 0 pixels high or wide "
-                        f"on {smallest} (when no drawn crop fits, FFCV keeps round({side} / min) rows or "
-                        f"round({side} * max) columns), which aborts the process; with --loader ffcv keep "
-                        f"min < {2 * side} and max > 1/{2 * side}")
+    loader_options.check(cfg.loader, cfg.data)
 
 
 def _validate_stages(stages: tuple[Stage, ...], epochs: int) -> None:

@@ -136,18 +136,6 @@ def installed_backends() -> dict[str, str | None]:
     return {name: loaders.missing_package(name) for name in loaders.NAMES}
 
 
-def _data_for(name: str, folder: Path, scratch: Path) -> str:
-    """What `name` reads of the JPEG folder: the folder, or (ffcv) a .beton written from it once."""
-    if name != "ffcv":
-        return str(folder)
-    beton = scratch / "train.beton"
-    if not beton.exists():
-        from dataset_tools.convert import convert_folder
-
-        convert_folder(folder, beton)
-    return str(beton)
-
-
 def _config(name: str, data: str, cuda: bool, bench: dict, *overrides: str):
     return load_config(None, [f"loader.name={name}", f"data.train={data}", f"model.arch={bench['arch']}",
                               f"model.width={bench['width']}", f"runtime.device={'cuda' if cuda else 'cpu'}",
@@ -208,7 +196,8 @@ def run_selfcheck(out: Path | None = None, say: Callable[[str], None] = print) -
                 add(_timed(f"no host sync, compiled {precision}", sync_free))
             for name in ready:
                 def busy(name=name) -> str:
-                    cfg = _config(name, _data_for(name, folder, scratch), cuda, _CPU_BENCH, "schedule.stages=0,32,8")
+                    data = loaders.data_from_folder(name, folder, scratch)
+                    cfg = _config(name, data, cuda, _CPU_BENCH, "schedule.stages=0,32,8")
                     run = build_training(cfg, build_plan(cfg), resolve_runtime(cfg), with_val=False)
                     if not stream_stays_busy(iter(run.train_loader)):
                         raise AssertionError("the long kernel had finished: the batches waited for it on the host")
@@ -221,7 +210,8 @@ def run_selfcheck(out: Path | None = None, say: Callable[[str], None] = print) -
         stages = ";".join(f"{i},{res},{bench['batch']}" for i, res in enumerate(bench["resolutions"]))
         for name in (n for n in ready if n != "synthetic"):
             def throughput(name=name) -> str:
-                cfg = _config(name, _data_for(name, folder, scratch), cuda, bench, f"schedule.stages={stages}",
+                data = loaders.data_from_folder(name, folder, scratch)
+                cfg = _config(name, data, cuda, bench, f"schedule.stages={stages}",
                               f"epochs={len(bench['resolutions'])}")
                 rows = list(bench_train(cfg, steps=bench["steps"], rounds=2))
                 return "; ".join(f"{r['resolution']} px: {r['images_per_s']:.0f} images/s, synthetic "

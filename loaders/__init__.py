@@ -2,39 +2,52 @@
 fails only when that backend is chosen, with the command that installs it.
 
 This registry is the one list of backend names (the config and the command line take theirs from here), so it
-imports nothing else of the package: the config can read the names without importing any backend.
+imports nothing else of the package: the config can read the names without importing any backend. A backend's line
+says what it reads; its module may add hooks the generic code looks for: `raw_pipeline` (the benchmark's baseline),
+`data_from_folder` (an image folder in the form it reads) and `demo_data` (the demo's data in that form).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from fastimagenet.errors import UserError
 
 if TYPE_CHECKING:
     from loaders.base import Loader, LoaderSpec
 
-# name -> (module, class, how to install what it needs)
+
+class _Backend(NamedTuple):
+    module: str  # its Loader class and hooks (see above), imported only when the backend is used
+    cls: str
+    install: str  # how to install what it needs
+    reads: str = "an ImageFolder directory"  # what data.train / data.val name for it; "": it makes its data up
+
+
+# The one line each backend adds here; a backend with options of its own also adds its section to loaders/options.py.
 _BACKENDS = {
-    "torchvision": ("loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow"),
-    "synthetic": ("loaders.synthetic", "SyntheticLoader", "pip install torch"),
-    "dali": ("loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120"),
-    "ffcv": (
-        "loaders.ffcv_loader",
-        "FfcvLoader",
-        "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install ffcv numba",
-    ),
+    "torchvision": _Backend("loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow"),
+    "synthetic": _Backend("loaders.synthetic", "SyntheticLoader", "pip install torch", reads=""),
+    "dali": _Backend("loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120"),
+    "ffcv": _Backend("loaders.ffcv_loader", "FfcvLoader",
+                     "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install ffcv numba",
+                     reads="a .beton file"),
 }
 
 NAMES = tuple(_BACKENDS)
-_READS_NO_FILES = ("synthetic",)  # backends that make their data up and ignore LoaderSpec.path
+
+
+def _known(name: str) -> _Backend:
+    if name not in _BACKENDS:
+        raise UserError(f"unknown loader '{name}' (choose one of {', '.join(NAMES)})")
+    return _BACKENDS[name]
 
 
 def _backend_module(name: str):
-    if name not in _BACKENDS:
-        raise UserError(f"unknown loader '{name}' (choose one of {', '.join(NAMES)})")
-    module_name, _, install = _BACKENDS[name]
+    module_name, _, install, _ = _known(name)
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
@@ -52,18 +65,22 @@ def missing_package(name: str) -> str | None:
     return None
 
 
+def reads(name: str) -> str:
+    """What data.train / data.val name for backend `name`, e.g. "a .beton file"; "" when it makes its data up."""
+    return _known(name).reads
+
+
 def check_data_path(name: str, spec: LoaderSpec) -> None:
     """An unset path must not reach a backend: read as a path, "" is the current directory. Checked here, once for
     every backend and every command, naming the setting that is missing."""
-    if name not in _READS_NO_FILES and not str(spec.path).strip():
+    if reads(name) and not str(spec.path).strip():
         split = "train" if spec.train else "validation"
-        what = "an ImageFolder directory" if name != "ffcv" else "a .beton file"
-        raise UserError(f"no {split} data given: set {spec.path_setting()} ({what} for the '{name}' loader)")
+        raise UserError(f"no {split} data given: set {spec.path_setting()} ({reads(name)} for the '{name}' loader)")
 
 
 def build_loader(name: str, spec: LoaderSpec) -> Loader:
     check_data_path(name, spec)
-    return getattr(_backend_module(name), _BACKENDS[name][1])(spec)
+    return getattr(_backend_module(name), _BACKENDS[name].cls)(spec)
 
 
 def build_raw_pipeline(name: str, spec: LoaderSpec):
@@ -74,3 +91,23 @@ def build_raw_pipeline(name: str, spec: LoaderSpec):
         raise UserError(f"the '{name}' loader has no raw-library baseline (only dali and ffcv do)")
     return module.raw_pipeline(spec)
 
+
+def data_from_folder(name: str, folder: str | Path, scratch: str | Path, workers: int = 0) -> str | Path:
+    """What backend `name` reads of the images of the ImageFolder `folder`: the folder itself, or those images in the
+    backend's own form, written once into the directory `scratch` (its `data_from_folder`)."""
+    convert = getattr(_backend_module(name), "data_from_folder", None)
+    return convert(folder, scratch, workers) if convert else folder
+
+
+def build_reference(name: str, spec: LoaderSpec, scratch: str):
+    """`build_raw_pipeline` of backend `name` on the images of spec.path, converted into `scratch` first when that
+    backend reads another form (data_from_folder)."""
+    path = data_from_folder(name, spec.path, scratch, spec.workers())
+    return build_raw_pipeline(name, dataclasses.replace(spec, path=str(path)))
+
+
+def demo_data(name: str, home: Path) -> tuple[Path, Path] | None:
+    """The demo's (train, val) data in the form backend `name` reads, made once under `home`; None for a backend
+    that reads image folders (the demo's default)."""
+    make = getattr(_backend_module(name), "demo_data", None)
+    return make(home) if make else None

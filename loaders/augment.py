@@ -1,4 +1,4 @@
-"""The augmentation every backend applies, described once by the `data.*` settings (DataConfig).
+"""The augmentation every backend applies, described once by the `data.*` settings (Augmentation).
 
 Train: random-resized-crop (area fraction `data.scale`, aspect ratio `data.ratio`) then horizontal flip.
 Eval: resize the shorter side to resolution / crop_ratio, then take the centre crop of side `resolution`;
@@ -8,13 +8,21 @@ Boxes are (left, top, right, bottom) in source-image pixels, so a backend can cr
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from fastimagenet.config import DataConfig
-
 Box = tuple[float, float, float, float]
+
+
+class Augmentation(Protocol):
+    """The `data.*` settings the augmentation reads (fastimagenet.config.DataConfig has them). Named here, not
+    imported from the config, so that loaders/ never imports the config that composes their option sections."""
+
+    scale: tuple[float, float]  # random-resized-crop area fraction
+    ratio: tuple[float, float]  # random-resized-crop aspect ratio
+    flip: bool
+    crop_ratio: float  # eval: centre crop side / shorter image side
 
 
 # Each training sample's randomness: 3 + 2 x _ATTEMPTS uniforms in [0, 1), a pure function of (seed, epoch, index).
@@ -45,12 +53,12 @@ def crop_uniforms(indices: Sequence[int] | np.ndarray, seed: int, epoch: int) ->
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # the top 53 bits: every double in [0, 1) a step
 
 
-def crop_flips(uniforms: np.ndarray, aug: DataConfig) -> np.ndarray:
+def crop_flips(uniforms: np.ndarray, aug: Augmentation) -> np.ndarray:
     """Which samples are mirrored: about half with data.flip, none without."""
     return (uniforms[:, _FLIP] < 0.5) & aug.flip
 
 
-def crop_boxes(uniforms: np.ndarray, sizes: np.ndarray, aug: DataConfig) -> np.ndarray:
+def crop_boxes(uniforms: np.ndarray, sizes: np.ndarray, aug: Augmentation) -> np.ndarray:
     """Random-resized-crop boxes, one row per sample of `uniforms`, in images of the (width, height) rows of `sizes`:
     the first of _ATTEMPTS draws of area fraction and aspect ratio that fits, placed uniformly; when every draw
     misses, the largest centred crop whose aspect ratio is within bounds (the sampling rule torchvision, FFCV and
@@ -84,7 +92,7 @@ class TrainCrops:
     whose header gives another size (changed since it was recorded) gets its box for that size, from the same
     randomness. The crops crop_windows gives, on every backend, and again for a resumed epoch."""
 
-    def __init__(self, indices: Sequence[int], sizes: np.ndarray, seed: int, epoch: int, aug: DataConfig):
+    def __init__(self, indices: Sequence[int], sizes: np.ndarray, seed: int, epoch: int, aug: Augmentation):
         self._uniforms, self._aug = crop_uniforms(indices, seed, epoch), aug
         self._sizes = [tuple(size) for size in sizes[np.asarray(indices, dtype=np.int64)].tolist()]
         self._boxes = [tuple(box) for box in crop_boxes(self._uniforms, np.array(self._sizes), aug).tolist()]
@@ -108,7 +116,7 @@ def pixel_windows(boxes: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0)
 
 
 def crop_windows(indices: Sequence[int] | np.ndarray, sizes: np.ndarray, seed: int, epoch: int,
-                 aug: DataConfig) -> np.ndarray:
+                 aug: Augmentation) -> np.ndarray:
     """A batch's training crops for a decoder that takes them in whole pixels: one int32 row per sample, (left, top,
     right, bottom, flip), from each sample's (width, height) in `sizes` (rows by index)."""
     indices = np.asarray(indices, dtype=np.int64)

@@ -9,8 +9,9 @@ from typing import Iterator, Protocol
 
 import torch
 
-from fastimagenet.config import DataConfig, LoaderConfig
 from fastimagenet.errors import UserError
+from loaders.augment import Augmentation
+from loaders.options import LoaderConfig
 
 
 class Loader(Protocol):
@@ -43,7 +44,7 @@ class LoaderSpec:
     resolution: int
     batch_size: int  # global batch; each rank gets batch_size // world_size
     device: torch.device
-    augment: DataConfig  # scale, ratio, flip, crop_ratio: the augmentation (loaders/augment.py)
+    augment: Augmentation  # scale, ratio, flip, crop_ratio: the augmentation (loaders/augment.py)
     options: LoaderConfig
     seed: int = 0
     strict: bool = False

@@ -55,9 +55,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, fee
 from dataset_tools.scan import scan_image_folder
 from dataset_tools.image_rules import KEPT_FORMATS
 from dataset_tools.verify import kept_samples
-from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
-from loaders.augment import crop_windows
+from loaders.augment import Augmentation, crop_windows
 from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device, rank_share,
                           to_device_nchw)
 from loaders.reduced_jpegs import within_budget
@@ -123,7 +122,7 @@ class _CropWindows:
     past the pass."""
 
     def __init__(self, indices: list[int], sizes: np.ndarray, batch_size: int, seed: int, epoch: int,
-                 augment: DataConfig):
+                 augment: Augmentation):
         self.indices, self.sizes, self.batch_size = indices, sizes, batch_size
         self.seed, self.epoch, self.augment = seed, epoch, augment
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from dataset_tools.beton_file import Beton
-from dataset_tools.convert import read_sidecar
+from dataset_tools.convert import ConvertOptions, convert_split, read_sidecar
 from dataset_tools.record_sums import stored_sums
 from fastimagenet.errors import UserError
 from fastimagenet.runtime import importing_ffcv, torch_threads_kept
@@ -74,6 +74,25 @@ def beton_path(spec: LoaderSpec) -> Path:
     if not path.exists():
         raise UserError(f"{path}: file does not exist (write it with `fastimagenet convert`)")
     return path
+
+
+def demo_data(home: Path) -> tuple[Path, Path]:
+    """The demo's Fashion-MNIST as this backend reads it: train and val .beton files, written once under `home`."""
+    from dataset_tools import fashion_mnist
+
+    return fashion_mnist.fashion_mnist_betons(home / "fashion-mnist-ffcv")
+
+
+def data_from_folder(folder: str | Path, scratch: str | Path, workers: int = 0) -> Path:
+    """The images of the ImageFolder `folder` as this backend reads them: a .beton written once into the directory
+    `scratch` the way FFCV's ImageNet example writes one (JPEG, longer side at most 512 px, quality 90:
+    ConvertOptions' defaults; `workers` writer processes, 0: one per core). A .beton given as `folder` is kept."""
+    if str(folder).endswith(".beton"):
+        return Path(folder)
+    beton = Path(scratch) / f"{Path(folder).name}.beton"
+    if not beton.exists():
+        convert_split(folder, beton, ConvertOptions(workers=workers))
+    return beton
 
 
 def _decoder(spec: LoaderSpec):

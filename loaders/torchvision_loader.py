@@ -22,9 +22,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dataset_tools.scan import scan_image_folder
 from dataset_tools.verify import kept_samples
-from fastimagenet.config import DataConfig
 from fastimagenet.errors import UserError
-from loaders.augment import TrainCrops, center_crop_box
+from loaders.augment import Augmentation, TrainCrops, center_crop_box
 from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, copied_ahead, epoch_order,
                           local_world_size, rank_share)
 from loaders.image_decode import decode_crop, forking_workers, single_threaded_worker
@@ -37,7 +36,7 @@ _PREFETCH = 4  # batches each worker prepares ahead
 class _FolderDataset(Dataset):
     """Decodes a batch of requests (index, resolution, epoch) into images; never raises on a bad file."""
 
-    def __init__(self, samples: list[tuple[str, int]], sizes: np.ndarray, augment: DataConfig, train: bool,
+    def __init__(self, samples: list[tuple[str, int]], sizes: np.ndarray, augment: Augmentation, train: bool,
                  seed: int):
         self.samples, self.sizes, self.augment, self.train, self.seed = samples, sizes, augment, train, seed
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+import loaders
 from dataset_tools.synthetic_jpegs import make_jpeg_folder
 from fastimagenet.cli import main
-from fastimagenet.config import DataConfig, LoaderConfig
+from fastimagenet.config import DataConfig
 from fastimagenet.metrics import read_metrics
 from loaders.base import LoaderSpec
+from loaders.options import LoaderConfig
 
 torch.set_num_threads(2)
 
@@ -97,11 +99,7 @@ def folder_with_bad_files(jpeg_dataset, tmp_path):
 
 def data_path(name, folder, tmp_path):
     """What a backend reads for an ImageFolder `folder`: the folder itself, or a .beton converted from it."""
-    if name != "ffcv":
-        return folder
-    from dataset_tools.convert import convert_folder
-
-    return convert_folder(folder, tmp_path / f"{folder.name}.beton")
+    return loaders.data_from_folder(name, folder, tmp_path)
 
 
 class PacedClock:

@@ -22,11 +22,12 @@ import loaders
 from dataset_tools import verify
 from dataset_tools.scan import scan_image_folder
 from fastimagenet.bench import bench_loader
-from fastimagenet.config import DaliOptions, LoaderConfig
 from fastimagenet.errors import UserError
 from loaders import dali_loader
 from loaders.dali_loader import (DALI_FORMATS, Handover, decoder_options, dali_failure, handover, output_stream,
                                  pipeline_error)
+from loaders.dali_options import DaliOptions
+from loaders.options import LoaderConfig
 from fastimagenet.selfcheck import stream_stays_busy
 from tests.conftest import make_spec, train
 

@@ -28,9 +28,11 @@ from dataset_tools.synthetic_jpegs import make_jpeg_folder
 from fastimagenet import bench
 from fastimagenet.bench import bench_loader
 from fastimagenet.cli import main
-from fastimagenet.config import DataConfig, FfcvOptions, LoaderConfig, load_config
+from fastimagenet.config import DataConfig, load_config
 from fastimagenet.errors import UserError
 from loaders.augment import crop_windows
+from loaders.ffcv_options import FfcvOptions
+from loaders.options import LoaderConfig
 # FFCV's first import in a process picks numba's threading layer: it goes through the loader (runtime.importing_ffcv)
 from loaders.ffcv_loader import EpochIterator, _gpu_index, unpinned_host_bytes
 from ffcv.types import HeaderType  # noqa: E402 - after the loader, which imports FFCV first
