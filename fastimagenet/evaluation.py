@@ -13,17 +13,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import loaders
 from fastimagenet.atomic import atomic_output
 from fastimagenet.checkpoint import load_checkpoint
 from fastimagenet.config import Config, apply_overrides, from_dict, from_saved, validate
 from fastimagenet.distributed import all_reduce_sum, env_from_torchrun, init_process_group, shutdown
 from fastimagenet.errors import UserError
 from fastimagenet.export import plain_state_dict
-from fastimagenet.models import ARCHS, Normalized, build_model
+from fastimagenet.models import ARCHS, Normalized
 from fastimagenet.plan import build_plan
 from fastimagenet.runtime import Runtime, compile_module, resolve_runtime
-from loaders.base import LoaderSpec
+from fastimagenet.training_setup import build_val_loader, model_of, to_device
 
 
 @torch.no_grad()
@@ -180,23 +179,17 @@ def run_eval(opts: EvalOptions) -> dict:
     rt = resolve_runtime(cfg, env.local_rank)
     init_process_group(env, rt.device)
     try:
-        loader = loaders.build_loader(cfg.loader.name, LoaderSpec(
-            path=cfg.data.val, train=False, resolution=plan.val_resolution, batch_size=plan.val_batch_size,
-            device=rt.device, augment=cfg.data, options=cfg.loader, seed=cfg.runtime.seed, strict=cfg.data.strict,
-            classes=src.classes, num_classes=num_classes, rank=env.rank, world_size=env.world_size,
-            local_rank=env.local_rank))
+        loader = build_val_loader(cfg, plan, rt, env, src.classes, num_classes)
         if len(loader.classes) != num_classes:
             raise UserError(f"{cfg.data.val}: has {len(loader.classes)} classes but the model of {src.name} "
                             f"predicts {num_classes}")
-        model = build_model(cfg.model.arch, num_classes, cfg.model.width, cfg.model.zero_init_residual,
-                            cfg.model.blurpool)
+        model = model_of(cfg, num_classes)
         try:
             model.load_state_dict(src.weights)
         except RuntimeError as exc:
             raise UserError(f"{src.name}: the weights do not fit {cfg.model.arch} "
                             f"({str(exc).splitlines()[0]})") from None
-        memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-        module = Normalized(model.to(rt.device, memory_format=memory_format)).to(rt.device)
+        module = Normalized(to_device(model, cfg, rt)).to(rt.device)
         forward = compile_module(module, rt, cfg.runtime.compile_backend, 1)
         start = time.perf_counter()
         scores = evaluate(forward, module, loader, rt, plan.val_batch_size // env.world_size, cfg.runtime.tta_flip,
