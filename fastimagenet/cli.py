@@ -191,7 +191,7 @@ def cmd_lr_find(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from fastimagenet.evaluation import EvalOptions, report, run_eval
+    from fastimagenet.eval_command import EvalOptions, report, run_eval
 
     result = run_eval(EvalOptions(source=args.source, data=args.data, loader=args.loader or "",
                                   resolution=args.resolution, crop_ratio=args.crop_ratio, tta_flip=args.tta_flip,
