@@ -192,7 +192,7 @@ def cmd_lr_find(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from fastimagenet.evaluation import EvalOptions, report, run_eval
+    from fastimagenet.eval_command import EvalOptions, report, run_eval
 
     result = run_eval(EvalOptions(source=args.source, data=args.data, loader=args.loader or "",
                                   resolution=args.resolution, crop_ratio=args.crop_ratio, tta_flip=args.tta_flip,
@@ -226,7 +226,15 @@ def cmd_selfcheck(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastimagenet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # In the order `--help` lists them.
+    for add_command in (_add_train, _add_export, _add_plot, _add_demo, _add_bench, _add_make_data, _add_convert,
+                        _add_inspect, _add_recipes, _add_eval, _add_show_batch, _add_selfcheck, _add_lr_find):
+        add_command(sub)
+    return _show_defaults(parser)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """`train`: a run from a recipe, or the continuation of one (--resume)."""
     train = sub.add_parser("train", help="Train a ResNet from a recipe plus key=value overrides.")
     train.add_argument("--config", help="A recipe: a YAML path or the name of a file in configs/ (e.g. rn50_18ep).")
     train.add_argument("--loader", choices=loaders.NAMES, help="Loader backend (same as loader.name=NAME).")
@@ -245,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(without it, such a directory is an error).")
     train.set_defaults(func=cmd_train)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """`export`: a run's model as a torch.export program or a state_dict."""
     export = sub.add_parser("export", help="Write a run's model for use outside fastimagenet (OUT.pt2: a "
                                            "self-contained torch.export program; OUT.pt: a state_dict), with "
                                            "OUT.json describing classes, input normalisation and resolution.")
@@ -261,10 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "fastimagenet.models.build_model(..., blurpool=True), not into torchvision's ResNet.")
     export.set_defaults(func=cmd_export)
 
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    """`plot`: a run's curves as run.png."""
     plot = sub.add_parser("plot", help="Draw RUN_DIR/run.png: loss, accuracy, LR, resolution/batch and speed.")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="The run directory (holds metrics.jsonl, config.yaml).")
     plot.set_defaults(func=cmd_plot)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """`demo`: the built-in Fashion-MNIST run."""
     demo = sub.add_parser("demo", help="Train a small ResNet on the built-in Fashion-MNIST dataset (CPU, minutes).")
     demo.add_argument("--loader", choices=loaders.NAMES, help="Loader backend for the demo (default torchvision).")
     demo.add_argument("--out-dir", help="Run directory, the same as runtime.out_dir=DIR (default "
@@ -274,8 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides on top of the demo recipe.")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """`bench loader` and `bench train`: images/s of a loader alone, and of training fed by it."""
     bench = sub.add_parser("bench", help="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="what", required=True)
+    _add_bench_loader(bench_sub)
+    _add_bench_train(bench_sub)
+
+
+def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
+    """`bench loader`: images/s of a loader alone."""
     bl = bench_sub.add_parser("loader", help="Images/s of a loader alone (median of timed passes), printed as one JSON line.")
     bl.add_argument("--loader", choices=loaders.NAMES, required=True, help="Loader backend to measure.")
     bl.add_argument("--data", default="", help="Train split to read (ImageFolder dir, or .beton for ffcv).")
@@ -292,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder into a temporary directory first). JSON keys: <baseline>_images_per_s, "
                          "ratio_vs_<baseline> (of the medians) and round_ratios_vs_<baseline> (within each round).")
     bl.set_defaults(func=cmd_bench_loader)
+
+
+def _add_bench_train(bench_sub: argparse._SubParsersAction) -> None:
+    """`bench train`: images/s of the training step fed by a loader, against the synthetic loader."""
     bt = bench_sub.add_parser(
         "train", help="Images/s of the whole training step (forward, backward, optimizer) fed by a loader, and fed "
                       "by the synthetic loader in the same run, per distinct (resolution, batch) of the recipe: "
@@ -309,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Config overrides, e.g. data.train=/data/train loader.workers=8 runtime.device=cuda.")
     bt.set_defaults(func=cmd_bench_train)
 
+
+def _add_make_data(sub: argparse._SubParsersAction) -> None:
+    """`make-data`: a built-in dataset written as an ImageFolder tree."""
     make = sub.add_parser("make-data", help="Write a built-in dataset as an ImageFolder tree (train/ and val/).")
     make.add_argument("kind", choices=("fashion-mnist", "jpegs"),
                       help="fashion-mnist: Debian's Fashion-MNIST as JPEGs; jpegs: synthetic ImageNet-like JPEGs.")
@@ -321,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "the whole of OUT is replaced). Without it a non-empty OUT is an error.")
     make.set_defaults(func=cmd_make_data)
 
-    from dataset_tools.convert import WRITE_MODES, ConvertOptions  # numpy + PIL only: a light import
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    """`convert`: ImageFolder images to FFCV .beton files."""
+    from dataset_tools.convert import WRITE_MODES, ConvertOptions  # numpy + PIL only: a light import
     conv = sub.add_parser("convert", help="Write ImageFolder images to FFCV .beton files (for --loader ffcv).")
     conv.add_argument("src", metavar="SRC", help="An ImageFolder split (SRC/<class>/<image>), or a dataset root "
                                                  "holding train/ and val/.")
@@ -350,12 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="Overwrite existing output files.")
     conv.set_defaults(func=cmd_convert)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    """`inspect`: what a .beton file holds."""
     insp = sub.add_parser("inspect", help="Show what a .beton file holds: images, classes, fields, storage, sizes.")
     insp.add_argument("file", metavar="FILE.beton", help="The file to inspect.")
     insp.add_argument("--verify", action="store_true",
                       help="Also decode every stored image and check every label; exit status 2 if any fails.")
     insp.set_defaults(func=cmd_inspect)
 
+
+def _add_recipes(sub: argparse._SubParsersAction) -> None:
+    """`recipes`: the recipes in configs/, or one resolved."""
     recipes = sub.add_parser("recipes", help="List the recipes in configs/, or show one recipe's resolved plan.")
     recipes.add_argument("name", nargs="?", help="A recipe to resolve: prints its settings and schedule table.")
     recipes.add_argument("overrides", nargs="*", metavar="key=value",
@@ -363,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.add_argument("--markdown", action="store_true", help="Print the listing as the README's Markdown table.")
     recipes.set_defaults(func=cmd_recipes)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """`eval`: a run, checkpoint or exported model scored on a split."""
     ev = sub.add_parser("eval", help="Score a run, a checkpoint or an exported model on a split, at any resolution "
                                      "or crop; prints a line and one JSON line.")
     ev.add_argument("source", metavar="SOURCE", help="A run directory, a checkpoint (.pt), or an exported "
@@ -384,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Config overrides on top of the run's, e.g. runtime.device=cpu loader.workers=2.")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_show_batch(sub: argparse._SubParsersAction) -> None:
+    """`show-batch`: one batch as a loader delivers it, drawn as a PNG."""
     show = sub.add_parser("show-batch", help="Draw one batch exactly as a loader delivers it (after crop and flip), "
                                              "labelled with its class names, as a PNG.")
     show.add_argument("--loader", choices=loaders.NAMES, default="torchvision",
@@ -399,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Config overrides, e.g. data.scale=0.35,1 loader.workers=1.")
     show.set_defaults(func=cmd_show_batch)
 
+
+def _add_selfcheck(sub: argparse._SubParsersAction) -> None:
+    """`selfcheck`: the checks for a new machine."""
     check = sub.add_parser("selfcheck", help="The first minutes on a new machine: what is installed, the GPU path "
                                              "(no host syncs in compiled bf16/fp16 epochs, loaders that never make "
                                              "the host wait, the fp16 first step) and bench train per backend, on "
@@ -406,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", default="selfcheck.json", help="Where to write the results as JSON.")
     check.set_defaults(func=cmd_selfcheck)
 
+
+def _add_lr_find(sub: argparse._SubParsersAction) -> None:
+    """`lr-find`: the LR range test."""
     lr_find = sub.add_parser("lr-find", help="LR range test on a recipe: plots loss vs LR and suggests optim.lr "
                                              "(writes only the plot, no run directory or checkpoint).")
     lr_find.add_argument("--config", help="A recipe: a YAML path or the name of a file in configs/.")
@@ -418,7 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("overrides", nargs="*", metavar="key=value",
                          help="Config overrides, e.g. data.train=/data/train optim.batch_size=256.")
     lr_find.set_defaults(func=cmd_lr_find)
-    return _show_defaults(parser)
 
 
 class _DefaultsHelp(argparse.HelpFormatter):

@@ -165,10 +165,10 @@ def export(run_dir: Path, out: Path, checkpoint: str = "best", ema: bool = False
 
 def _save_program(cfg: Config, weights: dict, info: dict, out: Path) -> None:
     """Normalisation + network in eval mode, traced by torch.export for any batch size and resolution."""
-    from fastimagenet.models import Normalized, build_model
+    from fastimagenet.models import Normalized
+    from fastimagenet.training_setup import model_of
 
-    model = build_model(cfg.model.arch, info["num_classes"], cfg.model.width, cfg.model.zero_init_residual,
-                        cfg.model.blurpool)
+    model = model_of(cfg, info["num_classes"])
     model.load_state_dict(weights)
     module = Normalized(model).eval()
     side = info["eval_resolution"]

@@ -9,8 +9,6 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from fastimagenet.atomic import atomic_output
-from fastimagenet.flops import mfu
-from fastimagenet.plan import EpochPlan
 
 
 @dataclass
@@ -20,31 +18,6 @@ class EpochResult:
     loss: float  # mean training loss over the steps
     images_per_s: float  # all ranks together, leaving out the first steps (compile warm-up, loader start-up)
     seconds: float
-
-
-def epoch_record(row: EpochPlan, train: EpochResult, val: dict, *, lr_end: float, skipped_files: int,
-                 flops_per_image: float, peak_tflops: float | None, devices: int,
-                 gpu_mem_gib: float | None) -> dict:
-    """One line of metrics.jsonl: the epoch's plan, its training and validation figures (none, `val` empty, for an
-    epoch that runtime.eval_every leaves unvalidated), and its speed."""
-    record = {
-        "epoch": row.epoch,
-        "resolution": row.resolution,
-        "batch_size": row.batch_size,
-        "lr": lr_end,
-        "train_loss": train.loss,
-        **val,
-        "images_per_s": train.images_per_s,
-        "epoch_time_s": train.seconds,
-        "tflops": flops_per_image * train.images_per_s / 1e12,  # achieved, all devices together
-        "skipped_files": skipped_files,
-    }
-    utilisation = mfu(flops_per_image, train.images_per_s, peak_tflops, devices)
-    if utilisation is not None:
-        record["mfu"] = utilisation
-    if gpu_mem_gib is not None:
-        record["gpu_mem_gib"] = gpu_mem_gib
-    return record
 
 
 class RunLogger:

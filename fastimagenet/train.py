@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import asdict, dataclass
 from typing import Callable
 from datetime import datetime
 from pathlib import Path
@@ -25,8 +26,8 @@ from fastimagenet.distributed import (DistEnv, all_reduce_sum, average_buffers, 
                                       init_process_group, is_main_process, shutdown)
 from fastimagenet.errors import Preempted, UserError
 from fastimagenet.evaluation import evaluate
-from fastimagenet.flops import peak_tflops
-from fastimagenet.metrics import EpochResult, RunLogger, epoch_record
+from fastimagenet.flops import mfu, peak_tflops
+from fastimagenet.metrics import EpochResult, RunLogger
 from fastimagenet.optim import set_lr
 from fastimagenet.plan import EpochPlan, build_plan
 from fastimagenet.plots import write_run_plot
@@ -74,23 +75,47 @@ def accumulation_group(step: int, steps: int, accum_steps: int) -> int:
     return min(accum_steps, steps - step // accum_steps * accum_steps)
 
 
-class StopAt(Exception):
-    """Raised by train_one_epoch when the ranks agreed to stop; carries where (see `EpochPosition`)."""
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: `epoch`, its first `step` steps done and their training loss summed (`loss_sum`).
+    Step 0 is an epoch's start; a checkpoint written inside an epoch saves its position as a dict (`as_dict`)."""
 
-    def __init__(self, position: dict):
+    epoch: int
+    step: int = 0
+    loss_sum: float = 0.0
+
+    @classmethod
+    def of_checkpoint(cls, state: dict | None) -> "Position":
+        """Where a run continues: inside the epoch its checkpoint stopped in, else at the start of the epoch after
+        the last finished one (epoch 0 without a checkpoint)."""
+        if state is None:
+            return cls(0)
+        if "position" in state:
+            return cls(**state["position"])
+        return cls(state["epoch"] + 1)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class StopAt(Exception):
+    """Raised by train_one_epoch when the ranks agreed to stop; carries where."""
+
+    def __init__(self, position: Position):
         super().__init__(position)
         self.position = position
 
 
-def train_one_epoch(run: Training, row: EpochPlan, stop: StopSignals, position: dict | None = None,
-                    save_position: Callable[[dict], None] | None = None) -> EpochResult:
-    """One epoch, or what is left of it: `position` is where a resumed epoch stopped ({"step", "loss_sum"}: the
-    optimizer steps done, the training loss summed over them). Every update step is a point where the run can
-    stop (StopAt) or `save_position` may write a resumable checkpoint (every runtime.checkpoint_every_min)."""
+def train_one_epoch(run: Training, row: EpochPlan, stop: StopSignals, position: Position | None = None,
+                    save_position: Callable[[Position], None] | None = None) -> EpochResult:
+    """One epoch, or what is left of it from `position` (a resumed epoch starts at the step it stopped at, with the
+    loss summed so far; None: the epoch's start). Every update step is a point where the run can stop (StopAt) or
+    `save_position` may write a resumable checkpoint (every runtime.checkpoint_every_min)."""
     rt, loader, cfg = run.rt, run.train_loader, run.cfg.runtime
     run.train_module.train()
-    steps, first = len(loader), position["step"] if position else 0
-    loss_sum = torch.tensor(position["loss_sum"] if position else 0.0, device=rt.device)
+    position = position or Position(row.epoch)
+    steps, first = len(loader), position.step
+    loss_sum = torch.tensor(position.loss_sum, device=rt.device)
     images_seen = timed_images = 0
     start = timed_start = last_save = time.perf_counter()
     distributed = run.env.world_size > 1
@@ -115,10 +140,10 @@ def train_one_epoch(run: Training, row: EpochPlan, stop: StopSignals, position: 
             # Under DDP the ranks agree at log intervals (a collective); alone, a stop is seen at the next step.
             if (at_log or not distributed) and stop.agreed(rt.device, distributed):
                 bar.close()
-                raise StopAt({"step": step + 1, "loss_sum": loss_sum.item()})  # sync: once, when stopping
+                raise StopAt(Position(row.epoch, step + 1, loss_sum.item()))  # sync: once, when stopping
             if save_position and cfg.checkpoint_every_min and time.perf_counter() - last_save >= \
                     cfg.checkpoint_every_min * 60:
-                save_position({"step": step + 1, "loss_sum": loss_sum.item()})  # sync: once per checkpoint
+                save_position(Position(row.epoch, step + 1, loss_sum.item()))  # sync: once per checkpoint
                 last_save = time.perf_counter()
     rt.synchronize()  # sync: end of epoch, for the timing
     end = time.perf_counter()
@@ -208,10 +233,8 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
     seed_everything(cfg.runtime.seed)
     plan = build_plan(cfg)
     state = load_checkpoint(resume_from) if resume_from is not None else None
-    # A checkpoint from inside an epoch carries its position ({"epoch", "step", "loss_sum"}): that epoch goes on
-    position = state.get("position") if state else None
-    start_epoch = position["epoch"] if position else state["epoch"] + 1 if state else 0
-    if start_epoch >= plan.epochs:
+    start = Position.of_checkpoint(state)
+    if start.epoch >= plan.epochs:
         raise UserError(f"{resume_from}: the run already finished its {plan.epochs} epochs")
     run = build_training(cfg, plan, rt, env, state)
     out_dir, new_dir = _open_run_dir(cfg, env, rt, resuming=state is not None, overwrite=overwrite) \
@@ -219,79 +242,124 @@ def _fit(cfg: Config, env: DistEnv, rt: Runtime, resume_from: Path | None, overw
     keeper = CheckpointKeeper(out_dir, cfg.runtime.keep_best, state.get("best_ranking") if state else None,
                               state.get("best_ema") if state else None)
     del state  # restored into the model: no second copy of the weights for the whole run
-    if start_epoch and env.is_main and position is None:
-        keeper.link_best(start_epoch - 1)
-    peak = peak_tflops(rt.device, rt.precision, cfg.runtime.peak_tflops)
-
-    resuming_at = f" (resuming at epoch {start_epoch}" + (f", step {position['step']})" if position else ")")
-    say(f"run directory: {out_dir}" + (resuming_at if resume_from is not None else ""))
-    say(f"device {rt.device} x {env.world_size} process(es), precision {rt.precision}, compile {rt.compile}, "
-        f"loader {cfg.loader.name}, {len(run.train_loader.classes)} classes, model {cfg.model.arch}")
-    say(plan.table())
-    logger = RunLogger(out_dir, start_epoch) if env.is_main else None
+    if start.epoch and env.is_main and not start.step:  # resumed at an epoch's end: mend its best-k links
+        keeper.link_best(start.epoch - 1)
+    say(_header(run, out_dir, start if resume_from is not None else None))
+    logger = RunLogger(out_dir, start.epoch) if env.is_main else None
     record = {}
-    epoch = start_epoch
-
-    def checkpoint_inside(epoch: int, at: dict, stopped: bool) -> None:
-        """Rank 0 writes the position `at` inside `epoch` as last.pt."""
-        if env.is_main:
-            keeper.save_position(run.state(epoch - 1, keeper.best_top1(), best_ranking=keeper.ranking,
-                                           best_ema=keeper.ema_best, position={"epoch": epoch, **at}), stopped)
-
-    stop = StopSignals(["SIGTERM", "SIGINT"] + [cfg.runtime.preempt_signal] * bool(cfg.runtime.preempt_signal),
-                       cfg.runtime.preempt_grace_s)
-    stop.__enter__()
-    try:
-        for epoch in range(start_epoch, plan.epochs):
-            row = plan.rows[epoch]
-            at = position if position and position["epoch"] == epoch else None
-            # The epoch's resolution and batch size reach the decoder: batches come at this size from the start.
-            run.train_loader.reconfigure(row.resolution, row.micro_batch)
-            run.train_loader.set_epoch(epoch, at["step"] if at else 0)
-            if rt.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(rt.device)
-            result = train_one_epoch(run, row, stop, at, lambda here: checkpoint_inside(epoch, here, False))
-            average_statistics(run)
-            # An epoch left unvalidated logs no val_* figures and is not ranked for best.pt; last.pt is still saved
-            val = validate_epoch(run) if validates(epoch, plan.epochs, cfg.runtime.eval_every) else {}
-            skipped = all_reduce_sum(torch.tensor(float(len(run.train_loader.skipped) + len(run.val_loader.skipped)),
-                                                  device=rt.device))
-            record = epoch_record(
-                row, result, val, lr_end=plan.lr_end(epoch) * run.lr_scale,
-                skipped_files=int(skipped.item()),  # sync: once per epoch
-                flops_per_image=run.flops.per_image(row.resolution), peak_tflops=peak, devices=env.world_size,
-                gpu_mem_gib=torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None)
-            if val:
-                keeper.rank(epoch, val["val_top1"], val.get("ema_val_top1"))
-            if val and run.plateau is not None and run.plateau.observe(val["val_top1"]):
-                say(f"val top-1 flat for {run.plateau.patience} validated epochs: LR x{run.plateau.factor:g} from "
-                    f"epoch {epoch + 1} (now x{run.plateau.scale:g} of the plan's)")
-            if env.is_main:
-                logger.log_epoch(record)
-                keeper.save(run.state(epoch, keeper.best_top1(), best_ranking=keeper.ranking,
-                                      best_ema=keeper.ema_best), epoch)
-            # asked during validation (or at the last step): last.pt is this epoch's end
-            if epoch + 1 < plan.epochs and stop.agreed(rt.device, env.world_size > 1):
-                if env.is_main:
-                    keeper.mark_stopped()
-                say(f"stopped after epoch {epoch}; continue with: fastimagenet train --resume {out_dir}")
-                raise Preempted(stop.signum)
-    except StopAt as stopped:
-        checkpoint_inside(epoch, stopped.position, True)
-        say(f"stopped in epoch {epoch} at step {stopped.position['step']}: checkpoint {out_dir / 'last.pt'} (also "
-            f"interrupted.pt); continue with: fastimagenet train --resume {out_dir}")
-        raise Preempted(stop.signum) from None
-    except Exception:
-        if env.is_main and resume_from is None and not record:  # failed before its first epoch ended
-            logger.close()
-            logger = None
-            discard_run_dir(out_dir, new_dir)
-        raise
-    finally:
-        stop.__exit__()
-        if logger is not None:
-            logger.close()
+    with StopSignals(_stop_signal_names(cfg), cfg.runtime.preempt_grace_s) as stop:
+        try:
+            for epoch in range(start.epoch, plan.epochs):
+                record = run_epoch(run, start if epoch == start.epoch else Position(epoch), stop, keeper, logger)
+                # asked during validation (or at the last step): last.pt is this epoch's end
+                if epoch + 1 < plan.epochs and stop.agreed(rt.device, env.world_size > 1):
+                    if env.is_main:
+                        keeper.mark_stopped()
+                    say(f"stopped after epoch {epoch}; continue with: fastimagenet train --resume {out_dir}")
+                    raise Preempted(stop.signum)
+        except StopAt as stopped:
+            at = stopped.position
+            _save_inside(run, keeper, at, stopped=True)
+            say(f"stopped in epoch {at.epoch} at step {at.step}: checkpoint {out_dir / 'last.pt'} (also "
+                f"interrupted.pt); continue with: fastimagenet train --resume {out_dir}")
+            raise Preempted(stop.signum) from None
+        except Exception:
+            if env.is_main and resume_from is None and not record:  # failed before its first epoch ended
+                logger.close()
+                logger = None
+                discard_run_dir(out_dir, new_dir)
+            raise
+        finally:
+            if logger is not None:
+                logger.close()
     if env.is_main:
         say(f"plots: {write_run_plot(out_dir)}")
     say(f"done: val top-1 {record['val_top1']:.2%} (best {keeper.best_top1():.2%}); run in {out_dir}")
     return record
+
+
+def _header(run: Training, out_dir: Path | None, resumed_at: Position | None) -> str:
+    """What a run prints before its first epoch: where it writes (and, resumed, where it goes on), what it runs
+    on, and its plan."""
+    cfg, rt = run.cfg, run.rt
+    where = f"run directory: {out_dir}"
+    if resumed_at is not None:
+        where += f" (resuming at epoch {resumed_at.epoch}" + (f", step {resumed_at.step})" if resumed_at.step else ")")
+    return "\n".join([
+        where,
+        f"device {rt.device} x {run.env.world_size} process(es), precision {rt.precision}, compile {rt.compile}, "
+        f"loader {cfg.loader.name}, {len(run.train_loader.classes)} classes, model {cfg.model.arch}",
+        run.plan.table()])
+
+
+def _stop_signal_names(cfg: Config) -> list[str]:
+    """SIGTERM and SIGINT always, and runtime.preempt_signal when set."""
+    return ["SIGTERM", "SIGINT"] + [cfg.runtime.preempt_signal] * bool(cfg.runtime.preempt_signal)
+
+
+def run_epoch(run: Training, at: Position, stop: StopSignals, keeper: CheckpointKeeper,
+              logger: RunLogger | None) -> dict:
+    """Epoch `at.epoch`, from `at` on: trained, its BatchNorm statistics averaged, validated when due, ranked for
+    best-k, logged and saved as last.pt (by rank 0, the one with a `logger`). Returns its metrics record."""
+    rt, row = run.rt, run.plan.rows[at.epoch]
+    # The epoch's resolution and batch size reach the decoder: batches come at this size from the start.
+    run.train_loader.reconfigure(row.resolution, row.micro_batch)
+    run.train_loader.set_epoch(at.epoch, at.step)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    result = train_one_epoch(run, row, stop, at, lambda here: _save_inside(run, keeper, here, stopped=False))
+    average_statistics(run)
+    # An epoch left unvalidated logs no val_* figures and is not ranked for best.pt; last.pt is still saved
+    val = validate_epoch(run) if validates(at.epoch, run.plan.epochs, run.cfg.runtime.eval_every) else {}
+    record = epoch_record(run, row, result, val)
+    if val:
+        keeper.rank(at.epoch, val["val_top1"], val.get("ema_val_top1"))
+    plateau = run.plateau
+    # Every rank observes (each keeps the LR scale); rank 0 says so.
+    if val and plateau is not None and plateau.observe(val["val_top1"]) and run.env.is_main:
+        print(f"val top-1 flat for {plateau.patience} validated epochs: LR x{plateau.factor:g} from "
+              f"epoch {at.epoch + 1} (now x{plateau.scale:g} of the plan's)")
+    if logger is not None:
+        logger.log_epoch(record)
+        keeper.save(_checkpoint(run, keeper, at.epoch), at.epoch)
+    return record
+
+
+def epoch_record(run: Training, row: EpochPlan, train: EpochResult, val: dict) -> dict:
+    """One line of metrics.jsonl: the epoch's plan, its training and validation figures (none, `val` empty, for an
+    epoch that runtime.eval_every leaves unvalidated), its speed, and its GPU memory peak. Every rank calls it: the
+    files skipped are summed over the ranks."""
+    rt = run.rt
+    skipped = all_reduce_sum(torch.tensor(float(len(run.train_loader.skipped) + len(run.val_loader.skipped)),
+                                          device=rt.device))
+    flops_per_image = run.flops.per_image(row.resolution)
+    record = {
+        "epoch": row.epoch,
+        "resolution": row.resolution,
+        "batch_size": row.batch_size,
+        "lr": run.plan.lr_end(row.epoch) * run.lr_scale,
+        "train_loss": train.loss,
+        **val,
+        "images_per_s": train.images_per_s,
+        "epoch_time_s": train.seconds,
+        "tflops": flops_per_image * train.images_per_s / 1e12,  # achieved, all devices together
+        "skipped_files": int(skipped.item()),  # sync: once per epoch
+    }
+    peak = peak_tflops(rt.device, rt.precision, run.cfg.runtime.peak_tflops)
+    utilisation = mfu(flops_per_image, train.images_per_s, peak, run.env.world_size)
+    if utilisation is not None:
+        record["mfu"] = utilisation
+    if rt.device.type == "cuda":
+        record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+    return record
+
+
+def _checkpoint(run: Training, keeper: CheckpointKeeper, epoch: int, **extra) -> dict:
+    """The run's checkpoint as of the end of `epoch`, with the keeper's best-k and best-EMA rankings."""
+    return run.state(epoch, keeper.best_top1(), best_ranking=keeper.ranking, best_ema=keeper.ema_best, **extra)
+
+
+def _save_inside(run: Training, keeper: CheckpointKeeper, at: Position, stopped: bool) -> None:
+    """Rank 0 writes the position `at`, inside its epoch, as last.pt (`stopped`: the run stops there)."""
+    if run.env.is_main:
+        keeper.save_position(_checkpoint(run, keeper, at.epoch - 1, position=at.as_dict()), stopped)

@@ -1,5 +1,6 @@
 """Everything a run trains with, built once from the config and the plan: loaders, model, DDP wrapper, compiled
-forward, optimizer, gradient scaler and EMA. `train` and `lr-find` both start here, so they train the same thing.
+forward, optimizer, gradient scaler and EMA. `train` and `lr-find` both start here, so they train the same thing;
+`eval` and `export` build their model (and `eval` its loader) here too, so they load a run into what it trained.
 """
 
 from __future__ import annotations
@@ -63,20 +64,39 @@ def build_loaders(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv()
                   with_val: bool = True) -> tuple[Loader, Loader | None]:
     """The train loader decides the classes; the val loader reuses them so labels agree. Batch sizes are global:
     each backend shards the data by rank and gives every rank its share of the batch."""
-    common = dict(device=rt.device, augment=cfg.data, options=cfg.loader, seed=cfg.runtime.seed,
-                  strict=cfg.data.strict, num_classes=cfg.data.num_classes, rank=env.rank,
-                  world_size=env.world_size, local_rank=env.local_rank)
     first = plan.rows[0]
-    train = loaders.build_loader(cfg.loader.name, LoaderSpec(path=cfg.data.train, train=True,
-                                                             resolution=first.resolution,
-                                                             batch_size=first.micro_batch, **common))
+    train = _build_loader(cfg, rt, env, path=cfg.data.train, train=True, resolution=first.resolution,
+                          batch_size=first.micro_batch, num_classes=cfg.data.num_classes)
     if not with_val:
         return train, None
-    val = loaders.build_loader(cfg.loader.name, LoaderSpec(path=cfg.data.val, train=False,
-                                                           resolution=plan.val_resolution,
-                                                           batch_size=plan.val_batch_size, classes=train.classes,
-                                                           **common))
-    return train, val
+    return train, build_val_loader(cfg, plan, rt, env, train.classes, cfg.data.num_classes)
+
+
+def build_val_loader(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv, classes: list[str] | None,
+                     num_classes: int) -> Loader:
+    """data.val at the plan's eval resolution and batch, labelled as `classes` (None: the split's own)."""
+    return _build_loader(cfg, rt, env, path=cfg.data.val, train=False, resolution=plan.val_resolution,
+                         batch_size=plan.val_batch_size, classes=classes, num_classes=num_classes)
+
+
+def _build_loader(cfg: Config, rt: Runtime, env: DistEnv, **split) -> Loader:
+    """The configured backend on one split: what is read and how (`split`), on this rank's device and shard."""
+    return loaders.build_loader(cfg.loader.name, LoaderSpec(
+        device=rt.device, augment=cfg.data, options=cfg.loader, seed=cfg.runtime.seed, strict=cfg.data.strict,
+        rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, **split))
+
+
+def model_of(cfg: Config, num_classes: int) -> nn.Module:
+    """The configured network with fresh weights: what `train` trains, and what `eval` and `export` load a run's
+    weights into."""
+    return build_model(cfg.model.arch, num_classes, cfg.model.width, cfg.model.zero_init_residual,
+                       cfg.model.blurpool)
+
+
+def to_device(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
+    """`model` on the run's device, in the memory format runtime.channels_last asks for."""
+    memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+    return model.to(rt.device, memory_format=memory_format)
 
 
 def build_training(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(), state: dict | None = None,
@@ -86,15 +106,13 @@ def build_training(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(
     num_classes = cfg.data.num_classes or len(train_loader.classes)
 
     def make_model():
-        return build_model(cfg.model.arch, num_classes, cfg.model.width, cfg.model.zero_init_residual,
-                           cfg.model.blurpool)
+        return model_of(cfg, num_classes)
 
     model = make_model()
     if cfg.model.sync_bn and env.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Order: device and memory format first, then DDP (its buckets follow the final parameters), then compile.
-    memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-    model = model.to(rt.device, memory_format=memory_format)
+    model = to_device(model, cfg, rt)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     ema = ModelEma(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
