@@ -125,11 +125,14 @@ def test_every_backend_trains_on_it_with_the_same_crops(large, tmp_path):
     assert len(copies) == 1 and Image.open(copies[0]).size == (SIDE // 2, SIDE // 2)
     assert (SIDE // 2) ** 2 <= DECODE_BUDGET
     ffcv = loaders.build_loader("ffcv", make_spec(data_path("ffcv", large, tmp_path), name="ffcv", **spec))
-    for loader in (dali, ffcv):
+    # FFCV reads the photo as convert stored it (512 px, re-encoded) and decodes a 32 px crop of it at 1/8 scale:
+    # on this image's steep synthetic gradients that alone differs by up to ~20 of 255 from a crop of the original
+    # (measured: 19, against 6 for FFCV's whole decode of the same record); the others read the original.
+    for loader, tolerance in ((dali, 10), (ffcv, 25)):
         ours = list(loader)
         assert [labels.tolist() for _, labels in ours] == [labels.tolist() for _, labels in theirs]
         for (a, _), (b, _) in zip(ours, theirs):
-            assert (a.float() - b.float()).abs().mean(dim=(1, 2, 3)).max() < 10
+            assert (a.float() - b.float()).abs().mean(dim=(1, 2, 3)).max() < tolerance
 
 
 @pytest.mark.slow
