@@ -37,9 +37,9 @@ def test_backend_extras_install_what_the_registry_asks_for():
     extras = {name: {_requirement_name(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
     base = {_requirement_name(r) for r in project["dependencies"]}
     assert set(extras) <= set(loaders.NAMES)
-    for name, (_, _, hint) in loaders._BACKENDS.items():
-        named = {_requirement_name(word) for word in hint.split("pip install", 1)[1].split()}
-        assert named == extras[name] if name in extras else named <= base, (name, hint)
+    for name, backend in loaders._BACKENDS.items():
+        named = {_requirement_name(word) for word in backend.install.split("pip install", 1)[1].split()}
+        assert named == extras[name] if name in extras else named <= base, (name, backend.install)
 
 
 def test_the_checkout_reads_its_own_configs_and_a_missing_directory_is_named(tmp_path):
