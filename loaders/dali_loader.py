@@ -2,8 +2,8 @@
 
 - Order: each pass (an epoch, or an evaluation) gets a pipeline whose file reader walks that pass's files in our own
   order (epoch_order + shard, as every backend), so labels, order and sharding match the other backends exactly,
-  while DALI reads ahead in its own threads as when used by hand (a Python external source of the files' bytes was
-  ~5% slower on cpu-2c). The pass's resolution and batch size are simply those it is built with, so `reconfigure`
+  while DALI reads ahead in its own threads as when used by hand (faster than a Python external source of the files'
+  bytes: BENCHMARKS.md, DALI). The pass's resolution and batch size are simply those it is built with, so `reconfigure`
   needs no rebuild of its own.
 - Crops: each training sample's random-resized-crop box and flip come from (seed, epoch, index), a batch's at once
   (loaders/augment.py: a few array operations, no Python per sample on the thread that feeds DALI), from the image

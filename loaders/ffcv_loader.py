@@ -25,8 +25,7 @@
   (both are per thread). FFCV calls it when first imported (1), when a Loader is built and in each epoch thread;
   the epoch thread's call is the one the decode needs. The importing and building thread's torch count is put back
   (`torch_threads_kept`), so the training step and evaluation keep torch's threads whatever the loaders' worker
-  counts are (before, evaluation after a one-worker val loader, and training with `loader.workers=1`, ran on one
-  torch thread).
+  counts are.
 """
 
 from __future__ import annotations
