@@ -82,11 +82,16 @@ def jpeg_decodes_whole(img: Image.Image) -> bool:
     return _first_scan_components(img) < img.layers
 
 
-def _file_size(img: Image.Image) -> int | None:
+def _file_descriptor(img: Image.Image) -> int | None:
     try:
-        return os.fstat(img.fp.fileno()).st_size
-    except (AttributeError, OSError, ValueError):  # opened from memory, not from a file: no bound to check
+        return img.fp.fileno()
+    except (AttributeError, OSError, ValueError):  # opened from memory, not from a file
         return None
+
+
+def _file_size(img: Image.Image) -> int | None:
+    fd = _file_descriptor(img)
+    return None if fd is None else os.fstat(fd).st_size  # from memory: no bound to check
 
 
 def _least_jpeg_bytes(width: int, height: int) -> int:
@@ -96,9 +101,8 @@ def _least_jpeg_bytes(width: int, height: int) -> int:
 def _first_scan_components(img: Image.Image) -> int:
     """The component count of the JPEG's first start-of-scan segment, read from the file without moving PIL's
     position in it (0 when the file ends first: the decode then reports it)."""
-    try:
-        fd = img.fp.fileno()
-    except (AttributeError, OSError, ValueError):
+    fd = _file_descriptor(img)
+    if fd is None:
         return img.layers  # opened from memory: taken as interleaved
     pos = 2  # after SOI
     while True:

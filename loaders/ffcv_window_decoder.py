@@ -24,6 +24,8 @@ from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
+from loaders.image_decode import dct_reduction
+
 WINDOW_COLUMNS = 5  # left, top, right, bottom (whole source pixels), flip (0 or 1)
 
 try:  # the project's region decoder (loaders/_jpeg_roi.c), called as a C function from the compiled pipeline
@@ -64,7 +66,7 @@ class WindowCropDecoder(SimpleRGBImageDecoder):
         read = self.memory_read
         samples = Compiler.get_iterator()
         decode_c, resize_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        region_c = Compiler.compile(decode_region)
+        region_c, reduction_c = Compiler.compile(decode_region), Compiler.compile(dct_reduction)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, decoded, windows, geometry = my_storage
@@ -75,8 +77,7 @@ class WindowCropDecoder(SimpleRGBImageDecoder):
                 left, top, right, bottom, flip = windows[k]
                 out = destination[k]
                 # the window alone, at the largest DCT reduction that keeps it at least the output size
-                reduction = min(right - left, bottom - top) / min(out.shape[0], out.shape[1])
-                scale = 8 if reduction >= 8 else 4 if reduction >= 4 else 2 if reduction >= 2 else 1
+                scale = reduction_c(min(right - left, bottom - top), min(out.shape[0], out.shape[1]))
                 scaled_left, scaled_top = left // scale, top // scale
                 scaled_right = max(scaled_left + 1, -(-right // scale))
                 scaled_bottom = max(scaled_top + 1, -(-bottom // scale))

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dataset_tools.image_rules import JPEG_REDUCTIONS, header_problem, to_plain_mode
+from dataset_tools.image_rules import header_problem, to_plain_mode
 from loaders.augment import Box, pixel_windows
 
 try:
@@ -73,10 +73,15 @@ def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
     return _jpeg_crop(path, box, size, flip)
 
 
+def dct_reduction(window_side: float, output_side: float) -> int:
+    """The largest DCT reduction (1, 2, 4 or 8) that leaves a window's shorter side at least the output's. Plain
+    arithmetic, so FFCV's compiled pipeline (loaders/ffcv_window_decoder.py) compiles and calls it too."""
+    reduction = window_side / output_side
+    return 8 if reduction >= 8 else 4 if reduction >= 4 else 2 if reduction >= 2 else 1
+
+
 def _dct_scale(box: Box, size: int) -> int:
-    """The largest DCT reduction that leaves the box at least `size` pixels on its shorter side."""
-    reduction = min(box[2] - box[0], box[3] - box[1]) / size
-    return max(k for k in JPEG_REDUCTIONS if k <= max(1.0, reduction))
+    return dct_reduction(min(box[2] - box[0], box[3] - box[1]), size)
 
 
 def _jpeg_crop(path: str, box: Box, size: int, flip: bool) -> np.ndarray:
