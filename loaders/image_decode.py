@@ -59,8 +59,9 @@ def forking_workers() -> Iterator[None]:
         cv2.setNumThreads(threads)
 
 
-def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
-    """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size."""
+def decode_crop(path: str, box_of, size: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size: into `out` (a C-contiguous
+    size x size x 3 uint8 array, e.g. a slot of a batch) when given, so a batch is decoded in place."""
     with Image.open(path) as img:  # reads the header only
         problem = header_problem(img)
         if problem:
@@ -69,8 +70,12 @@ def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
         box = box_of(width, height)
         # libjpeg does not convert CMYK to RGB; PIL does
         if decode_region is None or img.format != "JPEG" or img.mode == "CMYK":
-            return _pil_crop(img, box, size, flip)
-    return _jpeg_crop(path, box, size, flip)
+            array = _pil_crop(img, box, size, flip)
+            if out is None:
+                return array
+            out[...] = array
+            return out
+    return _jpeg_crop(path, box, size, flip, out)
 
 
 def dct_reduction(window_side: float, output_side: float) -> int:
@@ -84,7 +89,7 @@ def _dct_scale(box: Box, size: int) -> int:
     return dct_reduction(min(box[2] - box[0], box[3] - box[1]), size)
 
 
-def _jpeg_crop(path: str, box: Box, size: int, flip: bool) -> np.ndarray:
+def _jpeg_crop(path: str, box: Box, size: int, flip: bool, out: np.ndarray | None) -> np.ndarray:
     with open(path, "rb") as file:
         data = file.read()
     # libjpeg fills a truncated file with grey and only warns; a whole JPEG has its end-of-image marker after the scan
@@ -101,8 +106,10 @@ def _jpeg_crop(path: str, box: Box, size: int, flip: bool) -> np.ndarray:
     # What DCT scaling leaves is a shrink by less than 2x: bilinear below _AREA_FROM, where it is as good as an area
     # average at a fifth of the cost; above it bilinear aliases (BENCHMARKS.md: quality of the resize).
     shrink = max(crop.shape[:2]) / size
-    out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink >= _AREA_FROM else cv2.INTER_LINEAR)
-    return out[:, ::-1] if flip else out
+    # resized and flipped in place in `out`: no array per sample, no copy into the batch
+    out = cv2.resize(crop, (size, size), dst=out,
+                     interpolation=cv2.INTER_AREA if shrink >= _AREA_FROM else cv2.INTER_LINEAR)
+    return cv2.flip(out, 1, dst=out) if flip else out
 
 
 def _has_end_marker(data: bytes) -> bool:
@@ -117,7 +124,7 @@ def _has_end_marker(data: bytes) -> bool:
             continue
         length = (data[pos + 2] << 8) | data[pos + 3]
         if marker == 0xDA:  # start of scan: entropy-coded data, where 0xFF is escaped, up to EOI
-            return data.find(b"\xff\xd9", pos + 2 + length) >= 0
+            return data.rfind(b"\xff\xd9", pos + 2 + length) >= 0  # from the end: found at once in a whole file
         pos += 2 + length
     return False
 

@@ -34,7 +34,7 @@ _PREFETCH = 4  # batches each worker prepares ahead
 
 
 class _FolderDataset(Dataset):
-    """Decodes a batch of requests (index, resolution, epoch) into images; never raises on a bad file."""
+    """Decodes a batch of requests (index, resolution, epoch) into one batch; never raises on a bad file."""
 
     def __init__(self, samples: list[tuple[str, int]], sizes: np.ndarray, augment: Augmentation, train: bool,
                  seed: int):
@@ -43,39 +43,48 @@ class _FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitems__(self, requests: list[tuple[int, int, int]]) -> list:
-        """torch's fetcher hands over a batch sampler's whole batch, so its crops are drawn together."""
+    def __getitems__(self, requests: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """torch's fetcher hands over a batch sampler's whole batch, so its crops are drawn together and each image
+        is decoded straight into its slot of the batch: (images NHWC uint8, labels int64, unreadable files)."""
         indices = [index for index, _, _ in requests]
         _, resolution, epoch = requests[0]  # one batch, one epoch and resolution
         crops = TrainCrops(indices, self.sizes, self.seed, epoch, self.augment) if self.train else None
-        return [self._item(index, resolution, epoch, crops, k) for k, index in enumerate(indices)]
+        images = torch.empty((len(indices), resolution, resolution, 3), dtype=torch.uint8)
+        if get_worker_info() is not None:  # the batch crosses to the main process: decoded into shared memory
+            images.share_memory_()
+        slots, labels, failures = images.numpy(), [], []
+        for k, index in enumerate(indices):
+            labels.append(self._decode_into(slots[k], index, resolution, epoch, crops, k, failures))
+        return images, torch.tensor(labels, dtype=torch.int64), failures
 
-    def _decode(self, index: int, resolution: int, crops: TrainCrops | None, k: int) -> np.ndarray:
+    def _decode(self, index: int, resolution: int, crops: TrainCrops | None, k: int, out: np.ndarray) -> None:
         path = self.samples[index][0]
         if crops is None:
-            return decode_crop(path, lambda w, h: center_crop_box(w, h, self.augment.crop_ratio), resolution, False)
-        return decode_crop(path, crops.box_of(k), resolution, crops.flips[k])
+            decode_crop(path, lambda w, h: center_crop_box(w, h, self.augment.crop_ratio), resolution, False, out)
+        else:
+            decode_crop(path, crops.box_of(k), resolution, crops.flips[k], out)
 
-    def _item(self, index: int, resolution: int, epoch: int, crops: TrainCrops | None, k: int):
-        failures = []
+    def _decode_into(self, out: np.ndarray, index: int, resolution: int, epoch: int, crops: TrainCrops | None,
+                     k: int, failures: list) -> int:
+        """Sample `index` (or, unreadable, a following one) decoded into `out`; its label. Unreadable files are
+        appended to `failures`."""
+        first_failure = len(failures)
         for offset in range(_SUBSTITUTE_TRIES):
             candidate = (index + offset) % len(self.samples)
             if offset and crops is not None:  # a substitute gets its own crop
                 crops, k = TrainCrops([candidate], self.sizes, self.seed, epoch, self.augment), 0
             try:
-                return self._decode(candidate, resolution, crops, k), self.samples[candidate][1], failures
+                self._decode(candidate, resolution, crops, k, out)
+                return self.samples[candidate][1]
             except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable file"
                 failures.append((self.samples[candidate][0], f"{type(exc).__name__}: {exc}"))
-        raise UserError(f"{_SUBSTITUTE_TRIES} consecutive unreadable images, e.g. {failures[0][0]}: {failures[0][1]}")
+        path, reason = failures[first_failure]
+        raise UserError(f"{_SUBSTITUTE_TRIES} consecutive unreadable images, e.g. {path}: {reason}")
 
 
-def _collate(items):
-    arrays, labels, failures = zip(*items)
-    batch = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8)
-    if get_worker_info() is not None:  # stack straight into shared memory: the batch crosses to the main process
-        batch.share_memory_()
-    np.stack(arrays, out=batch.numpy())
-    return batch, torch.tensor(labels, dtype=torch.int64), sum(failures, [])
+def _as_batch(batch):
+    """The dataset already made the batch (_FolderDataset.__getitems__): nothing to collate."""
+    return batch
 
 
 def shm_bytes_needed(workers: int, batch: int, resolution: int, processes: int = 1) -> int:
@@ -156,7 +165,7 @@ class TorchvisionLoader:
             _FolderDataset(samples, np.array(sizes, dtype=np.int32), spec.augment, spec.train, spec.seed),
             batch_sampler=self._sampler,
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=_as_batch,
             worker_init_fn=single_threaded_worker,
             pin_memory=spec.device.type == "cuda",
             persistent_workers=workers > 0,
