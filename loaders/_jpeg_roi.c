@@ -6,6 +6,9 @@
  *   are never read, and columns are cut to the box (jpeg_crop_scanline), which widens it to iMCU boundaries:
  *   `pixels` is a bytearray of `height` rows of `width` RGB pixels, whose first column is x_offset pixels left of
  *   the box.
+ * area_resize(pixels, row_width, x_offset, width, height, out, flip)
+ *   A width x height crop of such rows (starting x_offset pixels in) shrunk into the square RGB array `out` by area
+ *   averaging (each output pixel the mean of the input area it covers, as OpenCV's INTER_AREA), mirrored when flip.
  * A file libjpeg cannot decode raises Error with libjpeg's message. libjpeg's default error handler would end the
  * process, so errors jump back here instead; warnings (corrupt data libjpeg can decode around) are not printed,
  * as PIL and OpenCV do not print them. The GIL is released while libjpeg works.
@@ -13,8 +16,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
 #include <setjmp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <jpeglib.h>
 
 static PyObject *JpegError;
@@ -174,10 +179,124 @@ static PyObject *decode_region(PyObject *self, PyObject *args)
     return Py_BuildValue("(NIII)", pixels, job.width, job.bottom - job.top, job.left - job.x_offset);
 }
 
+
+/* Area-averaging weights of one axis, n input pixels onto m output pixels (n >= m): output j covers [j*n/m,
+ * (j+1)*n/m), and input pixel i weighs the length of its overlap with that interval, in units of 1/16384 of the
+ * interval (exactly 16384 per output: the rounding is given to its largest tap). `first[j]` is j's first input
+ * pixel, `weights[j * taps + k]` its k-th tap's weight (0 past its last). */
+#define WEIGHT_BITS 14
+static void area_weights(int n, int m, int taps, int *first, int *weights)
+{
+    double scale = (double)n / m;
+    for (int j = 0; j < m; j++) {
+        double start = j * scale, end = (j + 1) * scale;
+        int i0 = (int)floor(start), total = 0, largest = 0;
+        first[j] = i0;
+        for (int k = 0; k < taps; k++) {
+            int i = i0 + k;
+            double overlap = i < n ? fmin(i + 1, end) - fmax(i, start) : 0.0; /* 0 past the edge */
+            int w = overlap > 0 ? (int)lround(overlap / scale * (1 << WEIGHT_BITS)) : 0;
+            weights[j * taps + k] = w;
+            total += w;
+            if (w > weights[j * taps + largest])
+                largest = k;
+        }
+        weights[j * taps + largest] += (1 << WEIGHT_BITS) - total;
+    }
+}
+
+/* Rows first (a weighted sum of whole rows: loops the compiler vectorises) into 8.8 fixed point, then columns. */
+static int shrink_area(const unsigned char *src, size_t stride, int width, int height, unsigned char *out, int size,
+                       int flip)
+{
+    int taps_y = (int)ceil((double)height / size) + 1, taps_x = (int)ceil((double)width / size) + 1;
+    size_t row = (size_t)width * 3;
+    int *first_y = malloc(sizeof(int) * size), *first_x = malloc(sizeof(int) * size);
+    int *weights_y = malloc(sizeof(int) * size * taps_y), *weights_x = malloc(sizeof(int) * size * taps_x);
+    int *sums = malloc(sizeof(int) * row);
+    /* each row padded with taps_x zero pixels, so every output sums taps_x of them without a bounds check */
+    size_t padded = row + 3 * (size_t)taps_x;
+    unsigned short *rows = calloc(padded * size, sizeof(unsigned short));
+    if (!first_y || !first_x || !weights_y || !weights_x || !sums || !rows) {
+        free(first_y); free(first_x); free(weights_y); free(weights_x); free(sums); free(rows);
+        return -1;
+    }
+    area_weights(height, size, taps_y, first_y, weights_y);
+    area_weights(width, size, taps_x, first_x, weights_x);
+    for (int y = 0; y < size; y++) {
+        for (size_t x = 0; x < row; x++)
+            sums[x] = 0;
+        for (int k = 0; k < taps_y && first_y[y] + k < height; k++) {
+            const unsigned char *restrict line = src + (size_t)(first_y[y] + k) * stride;
+            int *restrict acc = sums;
+            int w = weights_y[y * taps_y + k];
+            for (size_t x = 0; x < row; x++)
+                acc[x] += w * line[x];
+        }
+        for (size_t x = 0; x < row; x++)
+            rows[y * padded + x] = (unsigned short)((sums[x] + (1 << (WEIGHT_BITS - 9))) >> (WEIGHT_BITS - 8));
+    }
+    for (int y = 0; y < size; y++) {
+        const unsigned short *line = rows + y * padded;
+        unsigned char *dst = out + (size_t)y * size * 3;
+        for (int j = 0; j < size; j++) {
+            const int *w = weights_x + j * taps_x;
+            const unsigned short *p = line + (size_t)first_x[j] * 3;
+            int r = 0, g = 0, b = 0;
+            for (int k = 0; k < taps_x; k++) {
+                r += w[k] * p[3 * k];
+                g += w[k] * p[3 * k + 1];
+                b += w[k] * p[3 * k + 2];
+            }
+            unsigned char *o = dst + 3 * (flip ? size - 1 - j : j);
+            int half = 1 << (WEIGHT_BITS + 7);
+            o[0] = (unsigned char)((r + half) >> (WEIGHT_BITS + 8));
+            o[1] = (unsigned char)((g + half) >> (WEIGHT_BITS + 8));
+            o[2] = (unsigned char)((b + half) >> (WEIGHT_BITS + 8));
+        }
+    }
+    free(first_y); free(first_x); free(weights_y); free(weights_x); free(sums); free(rows);
+    return 0;
+}
+
+static PyObject *area_resize(PyObject *self, PyObject *args)
+{
+    Py_buffer pixels, out;
+    Py_ssize_t row_width, x_offset, width, height;
+    int flip, size, status;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "y*nnnnw*p", &pixels, &row_width, &x_offset, &width, &height, &out, &flip))
+        return NULL;
+    size = (int)sqrt((double)(out.len / 3));
+    if (width < 1 || height < 1 || x_offset < 0 || x_offset + width > row_width ||
+        row_width * height * 3 > pixels.len || (Py_ssize_t)size * size * 3 != out.len || !PyBuffer_IsContiguous(&out, 'C') ||
+        width < size || height < size) {
+        PyBuffer_Release(&pixels);
+        PyBuffer_Release(&out);
+        return PyErr_Format(PyExc_ValueError, "area_resize: a %zdx%zd crop at %zd of %zd-pixel rows (%zd bytes) does "
+                            "not shrink into a contiguous square of %zd bytes", width, height, x_offset, row_width,
+                            pixels.len, out.len);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = shrink_area((const unsigned char *)pixels.buf + x_offset * 3, (size_t)row_width * 3, (int)width,
+                         (int)height, out.buf, size, flip);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&pixels);
+    PyBuffer_Release(&out);
+    if (status < 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"decode_region", decode_region, METH_VARARGS,
      "decode_region(data, scale_denom, left, top, right, bottom) -> (pixels, width, height, x_offset): the box of "
      "the JPEG `data` scaled by 1/scale_denom, as rows of `width` RGB pixels starting x_offset pixels left of it."},
+    {"area_resize", area_resize, METH_VARARGS,
+     "area_resize(pixels, row_width, x_offset, width, height, out, flip): the width x height crop of rows of row_width "
+     "RGB pixels, x_offset pixels in, averaged by area into the square RGB array `out` (at most its size on each "
+     "side), mirrored when flip."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,9 +27,9 @@ from dataset_tools.image_rules import header_problem, to_plain_mode
 from loaders.augment import Box, pixel_windows
 
 try:
-    from loaders._jpeg_roi import Error as JpegError, decode_region
+    from loaders._jpeg_roi import Error as JpegError, area_resize, decode_region
 except ImportError:  # a checkout never built (no compiler, no libjpeg-dev): everything decodes through PIL
-    decode_region = JpegError = None
+    area_resize = decode_region = JpegError = None
     print("notice: the JPEG region decoder (loaders/_jpeg_roi.c) is not built, so JPEGs decode whole through PIL "
           "(slower); `pip install -e .` builds it (needs gcc and libjpeg-dev)", file=sys.stderr)
 
@@ -102,13 +102,19 @@ def _jpeg_crop(path: str, box: Box, size: int, flip: bool, out: np.ndarray | Non
         pixels, width, height, x_offset = decode_region(data, scale, left, top, right, bottom)
     except JpegError as exc:
         raise UnreadableImage(f"not a decodable JPEG ({exc})") from None
-    crop = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)[:, x_offset:x_offset + right - left]
+    crop_width = min(right - left, width - x_offset)  # the box, clamped to the image by the decoder
+    if out is None:
+        out = np.empty((size, size, 3), np.uint8)
     # What DCT scaling leaves is a shrink by less than 2x: bilinear below _AREA_FROM, where it is as good as an area
-    # average at a fifth of the cost; above it bilinear aliases (BENCHMARKS.md: quality of the resize).
+    # average at a fifth of the cost; above it bilinear aliases (BENCHMARKS.md: quality of the resize), so the area
+    # average, by the extension (OpenCV's INTER_AREA gives the same pixels, within 1 level, at 3-4x the time).
+    if max(crop_width, height) >= _AREA_FROM * size and min(crop_width, height) >= size:
+        area_resize(pixels, width, x_offset, crop_width, height, out, flip)
+        return out
+    crop = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)[:, x_offset:x_offset + crop_width]
     shrink = max(crop.shape[:2]) / size
     # resized and flipped in place in `out`: no array per sample, no copy into the batch
-    out = cv2.resize(crop, (size, size), dst=out,
-                     interpolation=cv2.INTER_AREA if shrink >= _AREA_FROM else cv2.INTER_LINEAR)
+    cv2.resize(crop, (size, size), dst=out, interpolation=cv2.INTER_AREA if shrink >= _AREA_FROM else cv2.INTER_LINEAR)
     return cv2.flip(out, 1, dst=out) if flip else out
 
 
