@@ -7,13 +7,14 @@ import io
 import math
 import random
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from dataset_tools.synthetic_jpegs import _image as photo_like
 from fastimagenet.config import DataConfig
-from loaders._jpeg_roi import Error as JpegError, decode_region
+from loaders._jpeg_roi import Error as JpegError, area_resize, decode_region
 from loaders.augment import center_crop_box, crop_boxes, crop_uniforms
 from loaders.image_decode import UnreadableImage, decode_crop
 
@@ -101,6 +102,52 @@ def test_decode_errors_are_unreadable_images(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(UnreadableImage):
             decode_crop(str(tmp_path / name), lambda w, h: (0, 0, w, h), 32, flip=False)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_area_shrink_gives_opencvs_area_average(flip):
+    """The extension's area average of a crop of decoded rows (rows wider than the crop, the crop some pixels in) is
+    OpenCV's INTER_AREA within one level, mirrored when asked, written into the slot it is given."""
+    rng = np.random.default_rng(int(flip))
+    for _ in range(20):
+        width, height = (int(v) for v in rng.integers(60, 200, size=2))
+        x_offset, row_width = int(rng.integers(0, 9)), width + int(rng.integers(9, 18))
+        size = int(rng.integers(8, min(width, height) + 1))
+        rows = cv2.GaussianBlur(rng.integers(0, 256, (height, row_width, 3), dtype=np.uint8), (5, 5), 2)
+        expected = cv2.resize(rows[:, x_offset:x_offset + width], (size, size), interpolation=cv2.INTER_AREA)
+        batch = np.zeros((2, size, size, 3), np.uint8)
+        area_resize(rows.tobytes(), row_width, x_offset, width, height, batch[1], flip)
+        got = batch[1][:, ::-1] if flip else batch[1]
+        assert np.abs(got.astype(int) - expected).max() <= 1
+        assert not batch[0].any()  # only its slot is written
+
+
+@pytest.mark.parametrize("geometry", [
+    (10, 0, 11, 8, 4),  # the crop is wider than the rows
+    (10, 0, 10, 8, 16),  # an enlargement, not a shrink
+    (10, 0, 10, 9, 4),  # more rows than the pixels hold
+])
+def test_an_area_shrink_the_pixels_cannot_give_is_an_error_not_a_bad_read(geometry):
+    row_width, x_offset, width, height, size = geometry
+    with pytest.raises(ValueError, match="does not shrink into"):
+        area_resize(bytes(row_width * 8 * 3), row_width, x_offset, width, height, np.zeros((size, size, 3), np.uint8),
+                    False)
+
+
+@pytest.mark.parametrize("name, options", [("baseline.jpg", {}), ("cmyk.jpg", "CMYK"), ("image.png", "PNG")])
+def test_a_crop_decoded_into_a_batch_slot_is_the_crop_decoded_alone(tmp_path, name, options):
+    path = tmp_path / name
+    image = Image.open(io.BytesIO(_jpeg(427, 353, {})))
+    if options == "CMYK":
+        image.convert("CMYK").save(path, "JPEG", quality=90)
+    else:
+        image.save(path, "PNG" if options == "PNG" else "JPEG", quality=90)
+    for box, size, flip in [((10, 20, 400, 330), 64, True), ((0, 0, 427, 353), 176, False), ((5, 5, 300, 200), 100, True),
+                            ((50, 40, 150, 120), 128, False)]:
+        slot = np.zeros((3, size, size, 3), np.uint8)
+        decode_crop(str(path), lambda w, h: box, size, flip, out=slot[1])
+        assert np.array_equal(slot[1], decode_crop(str(path), lambda w, h: box, size, flip))
+        assert not slot[0].any() and not slot[2].any()
 
 
 # Quality guard. The reference is what a careful pipeline makes of the same box: the whole image decoded at full
