@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
+import multiprocessing
 import statistics
 import tempfile
 import time
-from typing import Iterator
+import traceback
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -59,60 +60,223 @@ class _Epochs:
         return iter(self.loader)
 
 
-def torchvision_reference(data: str, resolution: int, batch_size: int, workers: int):
-    """The plain pipeline users start from: ImageFolder + RandomResizedCrop + flip + PILToTensor in a DataLoader."""
-    from torchvision import datasets, transforms
+class _WholeDecodes(torch.utils.data.Dataset):
+    """The images of a folder decoded whole with PIL, nothing else: no crop, no resize, no pixels handed over (only
+    the labels). What decoding the files costs: the floor under any pipeline that decodes them whole."""
 
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(resolution),
-        transforms.RandomHorizontalFlip(),
-        transforms.PILToTensor(),
-    ])
-    dataset = datasets.ImageFolder(data, transform=transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       num_workers=workers, persistent_workers=workers > 0)
+    def __init__(self, folder: str):
+        from torchvision import datasets
+
+        self.samples = datasets.ImageFolder(folder).samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        for index in indices:
+            with Image.open(self.samples[index][0]) as img:
+                img.convert("RGB")
+        labels = torch.tensor([self.samples[index][1] for index in indices])
+        return labels, labels  # (images, labels) as a pipeline yields them: the labels stand in for the images
 
 
-def image_folder_of(data: str) -> str:
-    """The ImageFolder behind a benchmark's data: the folder itself, or the one a .beton was converted from."""
-    if not data:
-        raise UserError("bench loader: --baseline torchvision reads an ImageFolder: give it with --data DIR")
-    if not data.endswith(".beton"):
-        return data
-    from dataset_tools.convert import read_sidecar
+def _as_batch(batch):
+    return batch
 
-    source = read_sidecar(data).get("source")
-    if source is None:  # written from arrays (the demo's Fashion-MNIST), not by `convert`
-        raise UserError(f"{data} was not converted from an image folder: give the folder with --data")
-    return source
+
+def whole_decode_pipeline(spec: LoaderSpec) -> torch.utils.data.DataLoader:
+    """`_WholeDecodes` of the folder spec.path in a DataLoader with the spec's workers."""
+    workers = spec.workers()
+    return torch.utils.data.DataLoader(_WholeDecodes(spec.path), batch_size=spec.per_rank_batch(), shuffle=True,
+                                       drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                                       collate_fn=_as_batch)
+
+
+class Pipeline(NamedTuple):
+    """One pipeline a benchmark compares, as data (it travels to the process that builds it). kind "loader": the
+    backend as `train` uses it; "raw": the backend's library used by hand (its `raw_pipeline`); "decode": the whole
+    decode of the images (whole_decode_pipeline)."""
+
+    kind: str
+    backend: str
+    spec: LoaderSpec
+
+    def build(self):
+        if self.kind == "loader":
+            return _Epochs(loaders.build_loader(self.backend, self.spec))
+        if self.kind == "raw":
+            return loaders.build_raw_pipeline(self.backend, self.spec)
+        return whole_decode_pipeline(self.spec)
+
+
+class _InThisProcess:
+    """A pipeline built and timed in the benchmark's own process."""
+
+    def __init__(self):
+        self._pipeline = None
+
+    def build(self, pipeline: Pipeline) -> None:
+        self._pipeline = None  # the previous one's workers end before the next one's start
+        self._pipeline = pipeline.build()
+
+    def one_pass(self) -> float:
+        return _one_pass(self._pipeline)
+
+    def close(self) -> None:
+        self._pipeline = None
+
+
+def _serve(connection) -> None:
+    """A pipeline's own process: builds what it is sent, times a pass when asked, until told to stop."""
+    here = _InThisProcess()
+    while True:
+        command, argument = connection.recv()
+        if command == "stop":
+            return
+        try:
+            connection.send(("ok", here.build(argument) if command == "build" else here.one_pass()))
+        except UserError as exc:
+            connection.send(("user error", str(exc)))
+        except BaseException:
+            connection.send(("failed", traceback.format_exc()))
+            raise
+
+
+class _InOwnProcess:
+    """A pipeline built and timed in a process of its own, started once and reused for each pipeline it is sent, so
+    that one pipeline's threads, workers and memory stay out of another's process. Spawned, not forked: the child
+    starts from a clean interpreter, not from a copy of this one's threads."""
+
+    def __init__(self):
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child,), name="bench-pipeline")
+        self._process.start()
+        child.close()
+
+    def _ask(self, command: str, argument=None):
+        self._connection.send((command, argument))
+        try:
+            status, value = self._connection.recv()
+        except EOFError:
+            raise RuntimeError(f"bench: a pipeline's process ended (exit code {self._process.exitcode})") from None
+        if status == "user error":
+            raise UserError(value)
+        if status == "failed":
+            raise RuntimeError(f"bench: a pipeline failed in its process:\n{value}")
+        return value
+
+    def build(self, pipeline: Pipeline) -> None:
+        self._ask("build", pipeline)
+
+    def one_pass(self) -> float:
+        return self._ask("pass")
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._connection.send(("stop", None))
+            except OSError:  # the child has gone already
+                pass
+            self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+        self._connection.close()
+
+
+def _pipelines(names: list[str], data: str, baselines: list[str], spec: LoaderSpec,
+               scratch: str) -> dict[tuple[str, str], Pipeline]:
+    """The pipelines of a sweep, keyed (kind, backend), each once: every backend in `names` as `train` uses it, on
+    the images of `data` in the form that backend reads (loaders.data_for), and the baselines: "raw" is each
+    backend's own library on that same data; a backend's name is that backend's library on the same images in its
+    own form (converted into `scratch` when needed); "decode" is the whole decode of the images."""
+    def reading(name: str) -> LoaderSpec:
+        reads_data = loaders.reads(name) and str(data).strip()  # else "": build_loader says what is missing
+        path = loaders.data_for(name, data, scratch, spec.workers()) if reads_data else ""
+        return dataclasses.replace(spec, path=path)
+
+    if not str(data).strip() and [baseline for baseline in baselines if baseline != "raw"]:
+        raise UserError("bench loader: the baselines other than 'raw' read the images of --data: give it")
+    pipelines = {("loader", name): Pipeline("loader", name, reading(name)) for name in names}
+    for baseline in baselines:
+        if baseline == "raw":
+            for name in names:
+                pipelines.setdefault(("raw", name), Pipeline("raw", name, pipelines["loader", name].spec))
+        elif baseline == "decode":
+            folder = str(loaders.image_folder_of(data))
+            pipelines.setdefault(("decode", ""), Pipeline("decode", "", dataclasses.replace(spec, path=folder)))
+        else:
+            pipelines.setdefault(("raw", baseline), Pipeline("raw", baseline, reading(baseline)))
+    return pipelines
+
+
+def _baseline_key(baseline: str, name: str) -> tuple[str, str]:
+    """The pipeline (kind, backend) that `baseline` names for backend `name` (see _pipelines)."""
+    return {"raw": ("raw", name), "decode": ("decode", "")}.get(baseline, ("raw", baseline))
+
+
+def bench_loaders(names: list[str], data: str, resolutions: list[int], batch_size: int, workers: int, device: str,
+                  baselines: list[str], rounds: int = 3, options: LoaderConfig | None = None,
+                  own_processes: bool = False) -> Iterator[dict]:
+    """Images/s of each backend in `names` and of each baseline (see _pipelines), one resolution after the other:
+    at each, every pipeline is built, takes one untimed pass, then `rounds` timed passes in turns with the others
+    (compare_throughput). Yields one result per (backend, resolution) with each baseline's figures and the ratios.
+    own_processes: each pipeline runs in a process of its own (the command line's way)."""
+    if rounds < 1:
+        raise UserError(f"bench loader: --rounds must be at least 1, got {rounds}")
+    if not resolutions or min(resolutions) < 1:
+        raise UserError(f"bench loader: resolutions must be positive pixel counts, got {resolutions}")
+    options = options or LoaderConfig(name=names[0], workers=workers)
+    spec = LoaderSpec(path="", train=True, resolution=resolutions[0], batch_size=batch_size,
+                      device=torch.device(device), augment=DataConfig(), options=options, path_key="--data",
+                      batch_key="--batch-size")
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as scratch:
+        pipelines = _pipelines(names, data, baselines, spec, scratch)
+        runners = {}
+        try:
+            for key in pipelines:
+                runners[key] = _InOwnProcess() if own_processes else _InThisProcess()
+            for resolution in resolutions:
+                for key, pipeline in pipelines.items():
+                    runners[key].build(pipeline._replace(spec=dataclasses.replace(pipeline.spec,
+                                                                                  resolution=resolution)))
+                figures, passes = compare_throughput(runners, rounds, one_pass=lambda runner: runner.one_pass())
+                for name in names:
+                    ours = figures["loader", name]
+                    result = {"loader": name, "resolution": resolution, "batch_size": batch_size,
+                              "workers": spec.workers(), "device": device, "rounds": rounds, "images_per_s": ours}
+                    for baseline in baselines:
+                        key = _baseline_key(baseline, name)
+                        result[f"{baseline}_images_per_s"] = figures[key]
+                        result[f"ratio_vs_{baseline}"] = ours / figures[key]
+                        # the ratio within each round, where the pipelines ran back to back: how much is noise
+                        result[f"round_ratios_vs_{baseline}"] = [mine / theirs for mine, theirs in
+                                                                 zip(passes["loader", name], passes[key])]
+                    yield result
+        finally:
+            for runner in runners.values():
+                runner.close()
 
 
 def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers: int, device: str,
                  baselines: list[str], rounds: int = 3, options: LoaderConfig | None = None) -> dict:
-    options = options or LoaderConfig(name=name, workers=workers)
-    workers = workers or os.cpu_count() or 1
-    spec = LoaderSpec(path=data, train=True, resolution=resolution, batch_size=batch_size,
-                      device=torch.device(device), augment=DataConfig(), options=options, path_key="--data",
-                      batch_key="--batch-size")
-    with tempfile.TemporaryDirectory(prefix="bench-loader-") as scratch:
-        pipelines = {"images_per_s": _Epochs(loaders.build_loader(name, spec))}
-        for baseline in baselines:
-            if baseline == "torchvision":
-                pipeline = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)
-            elif baseline == "raw":
-                pipeline = loaders.build_raw_pipeline(name, spec)
-            else:  # another backend's library used by hand, on the same images
-                pipeline = loaders.build_reference(baseline, spec, scratch)
-            pipelines[f"{baseline}_images_per_s"] = pipeline
-        figures, passes = compare_throughput(pipelines, rounds)
-    result = {"loader": name, "resolution": resolution, "batch_size": batch_size, "workers": workers,
-              "device": device, "rounds": rounds, **figures}
-    for baseline in baselines:
-        result[f"ratio_vs_{baseline}"] = figures["images_per_s"] / figures[f"{baseline}_images_per_s"]
-        # the ratio within each round, where the pipelines ran back to back: how much of the median is load noise
-        result[f"round_ratios_vs_{baseline}"] = [ours / theirs for ours, theirs in
-                                                 zip(passes["images_per_s"], passes[f"{baseline}_images_per_s"])]
-    return result
+    """bench_loaders for one backend at one resolution, in this process."""
+    return next(iter(bench_loaders([name], data, [resolution], batch_size, workers, device, baselines, rounds,
+                                   options)))
+
+
+def loader_table(results: list[dict], baselines: list[str]) -> str:
+    """`bench loader`'s results, readable: one line per (backend, resolution) with its images/s, and each baseline's
+    images/s and the backend's ratio to it (x <baseline>)."""
+    lines = [f"{'loader':>11} {'px':>4} {'images/s':>9}" + "".join(
+        f" {baseline + ' images/s':>20} {'x ' + baseline:>13}" for baseline in baselines)]
+    for r in results:
+        lines.append(f"{r['loader']:>11} {r['resolution']:>4} {r['images_per_s']:>9.1f}" + "".join(
+            f" {r[baseline + '_images_per_s']:>20.1f} {r['ratio_vs_' + baseline]:>13.3f}" for baseline in baselines))
+    return "\n".join(lines)
 
 
 def print_result(result: dict) -> None:
@@ -171,7 +335,8 @@ class _TrainFeed:
 def bench_train(cfg: Config, steps: int = 50, rounds: int = 3) -> Iterator[dict]:
     """Per distinct (resolution, micro-batch) of the recipe's plan, in plan order: images/s of `train`'s own step
     (forward, backward, optimizer) fed by cfg's loader, and fed by the synthetic loader in the same run, with their
-    ratio. Both are built as `train` builds its run, so the model, compile, precision and optimizer are the same.
+    ratio, and what an epoch of the loader's data takes at that shape (epoch_s: its images at that batch size over
+    the loader-fed images/s; what each stage of a progressive schedule costs an epoch). Both are built as `train` builds its run, so the model, compile, precision and optimizer are the same.
     Yields one result per shape, as it is measured."""
     from fastimagenet.plan import build_plan
     from fastimagenet.runtime import resolve_runtime, seed_everything
@@ -200,18 +365,20 @@ def bench_train(cfg: Config, steps: int = 50, rounds: int = 3) -> Iterator[dict]
             feed.reconfigure(row)
         # compare_throughput's untimed first pass of each is the warm-up: a new shape compiles there
         figures, _ = compare_throughput(feeds, rounds, one_pass=_TrainFeed.timed_pass)
+        epoch_images = len(real.train_loader) * row.micro_batch  # this process's share, as its images/s
         yield {"loader": cfg.loader.name, "resolution": row.resolution, "batch_size": row.micro_batch,
                "accum_steps": row.accum_steps, "first_epoch": row.epoch, "model": cfg.model.arch,
                "device": str(rt.device), "precision": rt.precision, "compile": rt.compile, "steps": steps,
                "rounds": rounds, **figures,
-               "loader_efficiency": figures["images_per_s"] / figures["synthetic_images_per_s"]}
+               "loader_efficiency": figures["images_per_s"] / figures["synthetic_images_per_s"],
+               "epoch_images": epoch_images, "epoch_s": epoch_images / figures["images_per_s"]}
 
 
 def train_table(results: list[dict]) -> str:
     """`bench train`'s results, readable: one line per shape."""
     lines = [f"{'resolution (px)':>15} {'batch (images)':>14} {'loader (images/s)':>17} "
-             f"{'synthetic (images/s)':>20} {'efficiency (loader/synthetic)':>29}"]
+             f"{'synthetic (images/s)':>20} {'efficiency (loader/synthetic)':>29} {'epoch (s)':>10}"]
     for r in results:
         lines.append(f"{r['resolution']:>15} {r['batch_size']:>14} {r['images_per_s']:>17.1f} "
-                     f"{r['synthetic_images_per_s']:>20.1f} {r['loader_efficiency']:>29.3f}")
+                     f"{r['synthetic_images_per_s']:>20.1f} {r['loader_efficiency']:>29.3f} {r['epoch_s']:>10.1f}")
     return "\n".join(lines)

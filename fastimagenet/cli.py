@@ -83,7 +83,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench_loader(args) -> None:
-    from fastimagenet.bench import bench_loader, print_result
+    from fastimagenet.bench import bench_loaders, loader_table, print_result
 
     if args.device == "cuda":
         import torch
@@ -92,9 +92,25 @@ def cmd_bench_loader(args) -> None:
             raise UserError("bench loader: --device cuda but torch sees no CUDA device on this machine; use --device "
                             "cpu")
     # `--baseline` with no value means the torchvision reference; no flag means no baseline.
-    baselines = [] if args.baseline is None else (args.baseline or ["torchvision"])
-    print_result(bench_loader(args.loader, args.data, args.resolution, args.batch_size, args.workers, args.device,
-                              baselines, args.rounds))
+    baselines = [] if args.baseline is None else list(dict.fromkeys(args.baseline or ["torchvision"]))
+    results = []
+    for result in bench_loaders(list(dict.fromkeys(args.loader)), args.data, args.resolutions, args.batch_size,
+                                args.workers, args.device, baselines, args.rounds, own_processes=True):
+        print_result(result)
+        results.append(result)
+    print(loader_table(results, baselines))
+
+
+def _resolutions(text: str) -> list[int]:
+    """--resolutions: pixel counts separated by commas, e.g. 128,176,224."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pixel counts separated by commas (e.g. 128,176,224), got "
+                                         f"'{text}'") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"resolutions must be positive, got '{text}'")
+    return values
 
 
 def cmd_bench_train(args) -> None:
@@ -302,21 +318,29 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
     """`bench loader`: images/s of a loader alone."""
-    bl = bench_sub.add_parser("loader", help="Images/s of a loader alone (median of timed passes), printed as one JSON line.")
-    bl.add_argument("--loader", choices=loaders.NAMES, required=True, help="Loader backend to measure.")
-    bl.add_argument("--data", default="", help="Train split to read (ImageFolder dir, or .beton for ffcv).")
-    bl.add_argument("--resolution", type=int, default=176, help="Output resolution in pixels.")
+    bl = bench_sub.add_parser("loader", help="Images/s of loaders alone (median of timed passes), against baselines: one JSON line per backend and resolution, then a table.")
+    bl.add_argument("--loader", choices=loaders.NAMES, nargs="+", required=True,
+                    help="Loader backend(s) to measure; several are measured in one run, taking turns.")
+    bl.add_argument("--data", default="", help="The images: an ImageFolder dir, or a .beton converted from one; "
+                                               "each backend and baseline reads them in its own form (a folder's "
+                                               "images are converted to a temporary .beton for ffcv).")
+    bl.add_argument("--resolutions", "--resolution", type=_resolutions, default=[176], metavar="PX[,PX...]",
+                    help="Output resolution(s) in pixels, e.g. 128,176,224: each is measured in turn, every "
+                         "pipeline rebuilt for it.")
     bl.add_argument("--batch-size", type=int, default=64, help="Images per batch.")
     bl.add_argument("--workers", type=int, default=0, help="Worker processes/threads (0: the CPUs this process may use).")
     bl.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Where batches are delivered.")
     bl.add_argument("--rounds", type=int, default=3,
                     help="Timed passes per pipeline, taken in turns after one untimed pass each; medians reported.")
-    bl.add_argument("--baseline", nargs="*", choices=("torchvision", "raw", "ffcv"),
-                    help="Also measure, in the same run: 'torchvision' (the plain ImageFolder pipeline; the "
-                         "default when the flag has no value), 'raw' (the backend's library used by hand) and/or "
-                         "'ffcv' (raw FFCV on a .beton of the same images: --data itself, or one converted from the "
-                         "folder into a temporary directory first). JSON keys: <baseline>_images_per_s, "
-                         "ratio_vs_<baseline> (of the medians) and round_ratios_vs_<baseline> (within each round).")
+    bl.add_argument("--baseline", nargs="*", choices=("raw", "decode", *loaders.NAMES),
+                    help="Also measure, in the same run: 'raw' (each backend's own library used by hand), a "
+                         "backend's name (that backend's library used by hand on the same images: 'torchvision' is "
+                         "the plain ImageFolder pipeline, the default when the flag has no value; 'ffcv' reads a "
+                         ".beton, converted from the folder into a temporary directory when needed) and/or 'decode' "
+                         "(the images decoded whole with PIL by as many workers, no crop or resize: the cost of "
+                         "decoding them). Every pipeline runs in a process of its own. JSON keys: "
+                         "<baseline>_images_per_s, ratio_vs_<baseline> (of the medians) and "
+                         "round_ratios_vs_<baseline> (within each round); then a table.")
     bl.set_defaults(func=cmd_bench_loader)
 
 

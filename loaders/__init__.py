@@ -4,12 +4,12 @@ fails only when that backend is chosen, with the command that installs it.
 This registry is the one list of backend names (the config and the command line take theirs from here), so it
 imports nothing else of the package: the config can read the names without importing any backend. A backend's line
 says what it reads; its module may add hooks the generic code looks for: `raw_pipeline` (the benchmark's baseline),
-`data_from_folder` (an image folder in the form it reads) and `demo_data` (the demo's data in that form).
+`data_from_folder` (an image folder in the form it reads), `source_folder` (the image folder a file of that form was
+made from) and `demo_data` (the demo's data in that form).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     from loaders.base import Loader, LoaderSpec
 
 
+_FOLDER = "an ImageFolder directory"
+
+
 class _Backend(NamedTuple):
     module: str  # its Loader class and hooks (see above), imported only when the backend is used
     cls: str
     install: str  # how to install what it needs
-    reads: str = "an ImageFolder directory"  # what data.train / data.val name for it; "": it makes its data up
+    reads: str = _FOLDER  # what data.train / data.val name for it; "": it makes its data up
 
 
 # The one line each backend adds here; a backend with options of its own also adds its section to loaders/options.py.
@@ -88,7 +91,7 @@ def build_raw_pipeline(name: str, spec: LoaderSpec):
     check_data_path(name, spec)
     module = _backend_module(name)
     if not hasattr(module, "raw_pipeline"):
-        raise UserError(f"the '{name}' loader has no raw-library baseline (only dali and ffcv do)")
+        raise UserError(f"the '{name}' loader has no raw-library baseline")
     return module.raw_pipeline(spec)
 
 
@@ -99,11 +102,29 @@ def data_from_folder(name: str, folder: str | Path, scratch: str | Path, workers
     return convert(folder, scratch, workers) if convert else folder
 
 
-def build_reference(name: str, spec: LoaderSpec, scratch: str):
-    """`build_raw_pipeline` of backend `name` on the images of spec.path, converted into `scratch` first when that
-    backend reads another form (data_from_folder)."""
-    path = data_from_folder(name, spec.path, scratch, spec.workers())
-    return build_raw_pipeline(name, dataclasses.replace(spec, path=str(path)))
+def image_folder_of(path: str | Path) -> Path:
+    """The ImageFolder behind data `path`: the directory itself, or the folder a backend's file was made from (the
+    `source_folder` of the backends that read files)."""
+    if not str(path).strip():  # Path("") would be the current directory
+        raise UserError("no image folder given")
+    if Path(path).is_dir():
+        return Path(path)
+    for name, backend in _BACKENDS.items():
+        if backend.reads in (_FOLDER, ""):
+            continue
+        source = getattr(_backend_module(name), "source_folder", None)
+        folder = source(path) if source else None
+        if folder is not None:
+            return Path(folder)
+    raise UserError(f"{path}: neither an image folder nor a file made from one")
+
+
+def data_for(name: str, path: str | Path, scratch: str | Path, workers: int = 0) -> str:
+    """What backend `name` reads of the images of `path` (an ImageFolder, or a file a backend reads): its image
+    folder for a backend that reads folders, else `data_from_folder` (which keeps a file already in its form)."""
+    if reads(name) == _FOLDER:
+        return str(image_folder_of(path))
+    return str(data_from_folder(name, path, scratch, workers))
 
 
 def demo_data(name: str, home: Path) -> tuple[Path, Path] | None:

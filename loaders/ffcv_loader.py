@@ -94,6 +94,16 @@ def data_from_folder(folder: str | Path, scratch: str | Path, workers: int = 0) 
     return beton
 
 
+def source_folder(path: str | Path) -> Path | None:
+    """The ImageFolder a .beton was converted from (its sidecar says); None for a path that is not a .beton."""
+    if not str(path).endswith(".beton"):
+        return None
+    source = read_sidecar(path).get("source")
+    if source is None:  # written from arrays (the demo's Fashion-MNIST), not by `convert`
+        raise UserError(f"{path} was not converted from an image folder: give the folder with --data")
+    return Path(source)
+
+
 def _decoder(spec: LoaderSpec):
     size = (spec.resolution, spec.resolution)
     return WindowCropDecoder(size) if spec.train else CenterCropRGBImageDecoder(size, ratio=spec.augment.crop_ratio)

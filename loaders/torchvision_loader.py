@@ -206,3 +206,20 @@ class TorchvisionLoader:
             listing = "\n".join(f"  {path}: {reason}" for path, reason in list(new.items())[:10])
             print(f"warning: {len(new)} unreadable images replaced by their neighbours "
                   f"({len(self.skipped)} in all):\n{listing}")
+
+
+def raw_pipeline(spec: LoaderSpec) -> DataLoader:
+    """The plain pipeline users start from, the benchmark's baseline: ImageFolder with PIL decoding whole images,
+    then (training) RandomResizedCrop + flip or (eval) resize + centre crop, PILToTensor, in a DataLoader."""
+    from torchvision import datasets, transforms
+
+    aug = spec.augment
+    if spec.train:
+        crop = [transforms.RandomResizedCrop(spec.resolution, scale=tuple(aug.scale), ratio=tuple(aug.ratio))]
+        crop += [transforms.RandomHorizontalFlip()] if aug.flip else []
+    else:
+        crop = [transforms.Resize(round(spec.resolution / aug.crop_ratio)), transforms.CenterCrop(spec.resolution)]
+    dataset = datasets.ImageFolder(spec.path, transform=transforms.Compose([*crop, transforms.PILToTensor()]))
+    workers = spec.workers()
+    return DataLoader(dataset, batch_size=spec.per_rank_batch(), shuffle=spec.train, drop_last=spec.train,
+                      num_workers=workers, persistent_workers=workers > 0)

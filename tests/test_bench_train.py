@@ -37,7 +37,8 @@ def json_rows(out: str) -> list[dict]:
 def test_one_row_per_distinct_shape_with_the_efficiency_of_the_printed_figures(jpeg_dataset, capsys, one_thread,
                                                                                  monkeypatch):
     """On a clock where a batch of the torchvision loader takes 0.5 s and one of the synthetic loader 0.25 s: 16
-    images a batch give 32 and 64 images/s, 8 images 16 and 32; the loader is half as fast as synthetic data."""
+    images a batch give 32 and 64 images/s, 8 images 16 and 32; the loader is half as fast as synthetic data. An epoch
+    of the 96 images takes 96 / 32 = 3 s at the first stage and 96 / 16 = 6 s at the second."""
     clock = PacedClock()
     monkeypatch.setattr(bench, "time", clock)
     build = loaders.build_loader
@@ -50,12 +51,14 @@ def test_one_row_per_distinct_shape_with_the_efficiency_of_the_printed_figures(j
     rows = json_rows(out)
     assert [(row["resolution"], row["batch_size"]) for row in rows] == [(24, 16), (32, 8)]
     assert [(row["images_per_s"], row["synthetic_images_per_s"]) for row in rows] == [(32, 64), (16, 32)]
+    assert [(row["epoch_images"], row["epoch_s"]) for row in rows] == [(96, 3), (96, 6)]
     for row in rows:
         assert row["loader_efficiency"] == 0.5
         assert row["loader"] == "torchvision" and row["steps"] == 7 and row["device"] == "cpu"
     table = out.splitlines()[-3:]
-    assert "images/s" in table[0] and "px" in table[0]
+    assert "images/s" in table[0] and "px" in table[0] and "epoch (s)" in table[0]
     assert [line.split()[:2] for line in table[1:]] == [["24", "16"], ["32", "8"]]
+    assert [line.split()[-1] for line in table[1:]] == ["3.0", "6.0"]
 
 
 def test_each_pass_starts_a_new_epoch_and_wraps_when_the_loader_is_shorter(jpeg_dataset, one_thread, monkeypatch):
