@@ -49,9 +49,7 @@ class _FolderDataset(Dataset):
         indices = [index for index, _, _ in requests]
         _, resolution, epoch = requests[0]  # one batch, one epoch and resolution
         crops = TrainCrops(indices, self.sizes, self.seed, epoch, self.augment) if self.train else None
-        images = torch.empty((len(indices), resolution, resolution, 3), dtype=torch.uint8)
-        if get_worker_info() is not None:  # the batch crosses to the main process: decoded into shared memory
-            images.share_memory_()
+        images = _batch_buffer((len(indices), resolution, resolution, 3), shared=get_worker_info() is not None)
         slots, labels, failures = images.numpy(), [], []
         for k, index in enumerate(indices):
             labels.append(self._decode_into(slots[k], index, resolution, epoch, crops, k, failures))
@@ -80,6 +78,16 @@ class _FolderDataset(Dataset):
                 failures.append((self.samples[candidate][0], f"{type(exc).__name__}: {exc}"))
         path, reason = failures[first_failure]
         raise UserError(f"{_SUBSTITUTE_TRIES} consecutive unreadable images, e.g. {path}: {reason}")
+
+
+def _batch_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """An uninitialised uint8 batch; in shared memory when it will cross to the main process. Made there at once, as
+    torch's own collate makes its batches (share_memory_() of a tensor would allocate it twice and copy it over: a
+    third of a batch's shared-memory cost, which is mostly the kernel zeroing its fresh pages)."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def _as_batch(batch):
