@@ -229,9 +229,9 @@ static int shrink_area(const unsigned char *src, size_t stride, int width, int h
         for (int k = 0; k < taps_y && first_y[y] + k < height; k++) {
             const unsigned char *restrict line = src + (size_t)(first_y[y] + k) * stride;
             int *restrict acc = sums;
-            int w = weights_y[y * taps_y + k];
+            short w = (short)weights_y[y * taps_y + k]; /* 16-bit factors: a widening multiply SSE2 has */
             for (size_t x = 0; x < row; x++)
-                acc[x] += w * line[x];
+                acc[x] += w * (short)line[x];
         }
         for (size_t x = 0; x < row; x++)
             rows[y * padded + x] = (unsigned short)((sums[x] + (1 << (WEIGHT_BITS - 9))) >> (WEIGHT_BITS - 8));
