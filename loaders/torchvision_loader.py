@@ -3,6 +3,8 @@
 Speed comes from what the plain ImageFolder pipeline does not do:
 - JPEGs are decoded in the DCT domain at 1/2, 1/4 or 1/8 scale whenever the crop allows, straight into the crop at
   the output size (loaders/image_decode.py), and flips happen after the resize;
+- a worker decodes a whole batch at once, each image straight into its slot of one shared-memory batch: no tensor per
+  sample, no collation, nothing copied on the way to the main process;
 - batches stay uint8 NHWC to the device, where the loop normalises them; on a GPU each is copied there on a side
   stream while the step before it runs (loaders/base.py: copied_ahead).
 
