@@ -16,11 +16,11 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-import loaders
+from fastimagenet import loaders
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config, DataConfig
-from fastimagenet.errors import UserError
-from loaders.base import LoaderSpec
-from loaders.options import LoaderConfig
+from fastimagenet.loaders.base import LoaderSpec
+from fastimagenet.loaders.options import LoaderConfig
 
 
 def _one_pass(iterable) -> float:
