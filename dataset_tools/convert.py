@@ -186,7 +186,7 @@ def _write_beton(out: Path, samples: list[tuple[str, int]], options: ConvertOpti
         failure_log.unlink(missing_ok=True)
 
 
-def _first_per_class(samples: list[tuple[str, int]], count: int) -> list[tuple[str, int]]:
+def first_per_class(samples: list[tuple[str, int]], count: int) -> list[tuple[str, int]]:
     kept, seen = [], {}
     for path, label in samples:
         seen[label] = seen.get(label, 0) + 1
@@ -214,7 +214,7 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
     start = time.perf_counter()
     scan = scan_image_folder(src, classes)
     if options.subset:
-        scan = FolderScan(scan.root, scan.classes, _first_per_class(scan.samples, options.subset), scan.skipped)
+        scan = FolderScan(scan.root, scan.classes, first_per_class(scan.samples, options.subset), scan.skipped)
     samples, skipped, _ = kept_samples(scan, str(src), options.strict, report=False,  # the summary lists them
                                     lenient="leave out --strict")
     with atomic_output(dst) as tmp:  # makes the directory; a failed write is a message naming dst

@@ -140,8 +140,15 @@ def cmd_convert(args) -> None:
                              jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
                              smart_threshold=args.smart_threshold, workers=args.workers, subset=args.subset,
                              strict=args.strict, force=args.force)
-    classes = read_sidecar(args.classes_from)["classes"] if args.classes_from else None
-    for report in convert(args.src, args.dst, options, classes):
+    if args.format == "shards":
+        from dataset_tools.shards import convert_to_shards, read_index
+
+        classes = read_index(args.classes_from).classes if args.classes_from else None
+        reports = convert_to_shards(args.src, args.dst, options, classes, args.shard_size_mb, args.shard_order)
+    else:
+        classes = read_sidecar(args.classes_from)["classes"] if args.classes_from else None
+        reports = convert(args.src, args.dst, options, classes)
+    for report in reports:
         print(report.summary())
 
 
@@ -358,11 +365,23 @@ def _add_make_data(sub: argparse._SubParsersAction) -> None:
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     """`convert`: ImageFolder images to FFCV .beton files."""
     from dataset_tools.convert import WRITE_MODES, ConvertOptions  # numpy + PIL only: a light import
-    conv = sub.add_parser("convert", help="Write ImageFolder images to FFCV .beton files (for --loader ffcv).")
+    from dataset_tools.shards import DEFAULT_SHARD_MB, SHARD_ORDERS
+    conv = sub.add_parser("convert", help="Write ImageFolder images to FFCV .beton files (for --loader ffcv) "
+                                                 "or to tar shards, locally or in a bucket (--format shards).")
     conv.add_argument("src", metavar="SRC", help="An ImageFolder split (SRC/<class>/<image>), or a dataset root "
                                                  "holding train/ and val/.")
     conv.add_argument("dst", metavar="DST", help="The .beton file for a split; for a dataset root, a directory that "
                                                  "gets train.beton and val.beton (each with a .json class sidecar).")
+    conv.add_argument("--format", choices=("beton", "shards"), default="beton",
+                      help="beton: FFCV .beton files (for --loader ffcv); shards: WebDataset-layout tar shards with "
+                           "an index.json and DALI index files, in a folder or at an s3://bucket/prefix DST (for "
+                           "--loader torchvision and dali; DST/train and DST/val for a dataset root).")
+    conv.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_MB,
+                      help="shards: the size a shard is closed at, in MB (the default is in the 100 MB - 1 GB range "
+                           "WebDataset suggests).")
+    conv.add_argument("--shard-order", choices=SHARD_ORDERS, default="shuffled",
+                      help="shards: the samples' order, shuffled once (so each shard mixes many classes) or the "
+                           "folder's (by class, then name).")
     conv.add_argument("--write-mode", choices=WRITE_MODES, default=ConvertOptions.write_mode,
                       help="How images are stored: jpg (compact, decoded while loading), raw (pixels: fastest to "
                            "load, ~10x larger), proportion (JPEG for a random --compress-probability share), smart "
@@ -379,7 +398,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--workers", type=int, default=0, help="Writer processes (0: one per CPU core).")
     conv.add_argument("--subset", type=int, default=0, help="Only the first N images of each class, for trials.")
     conv.add_argument("--classes-from", metavar="TRAIN.beton",
-                      help="Label a split with the classes of an already converted train split (its sidecar).")
+                      help="Label a split with the classes of an already converted train split (its sidecar; with "
+                           "--format shards, the train split's folder or s3:// prefix).")
     conv.add_argument("--strict", action="store_true",
                       help="Stop with an error on an unreadable image instead of skipping and reporting it.")
     conv.add_argument("--force", action="store_true", help="Overwrite existing output files.")

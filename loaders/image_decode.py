@@ -15,6 +15,8 @@ dataset_tools/image_rules.py) so that a file changed since is refused before any
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -59,9 +61,11 @@ def forking_workers() -> Iterator[None]:
         cv2.setNumThreads(threads)
 
 
-def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
-    """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size."""
-    with Image.open(path) as img:  # reads the header only
+def decode_crop(path, box_of, size: int, flip: bool) -> np.ndarray:
+    """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size. `path`: a file name, or
+    an object whose `read_bytes()` gives the encoded image (a sample inside a shard: loaders/shard_source.py)."""
+    data = None if isinstance(path, (str, os.PathLike)) else path.read_bytes()
+    with Image.open(path if data is None else io.BytesIO(data)) as img:  # reads the header only
         problem = header_problem(img)
         if problem:
             raise UnreadableImage(problem)
@@ -70,7 +74,10 @@ def decode_crop(path: str, box_of, size: int, flip: bool) -> np.ndarray:
         # libjpeg does not convert CMYK to RGB; PIL does
         if decode_region is None or img.format != "JPEG" or img.mode == "CMYK":
             return _pil_crop(img, box, size, flip)
-    return _jpeg_crop(path, box, size, flip)
+    if data is None:
+        with open(path, "rb") as file:
+            data = file.read()
+    return _jpeg_crop(data, box, size, flip)
 
 
 def dct_reduction(window_side: float, output_side: float) -> int:
@@ -84,9 +91,7 @@ def _dct_scale(box: Box, size: int) -> int:
     return dct_reduction(min(box[2] - box[0], box[3] - box[1]), size)
 
 
-def _jpeg_crop(path: str, box: Box, size: int, flip: bool) -> np.ndarray:
-    with open(path, "rb") as file:
-        data = file.read()
+def _jpeg_crop(data: bytes, box: Box, size: int, flip: bool) -> np.ndarray:
     # libjpeg fills a truncated file with grey and only warns; a whole JPEG has its end-of-image marker after the scan
     if not _has_end_marker(data):
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
