@@ -54,6 +54,16 @@ class ObjectCache:
             self._make_room(size or 0)
         return object_store.download(url, path, sha256, size)
 
+    def copy_of(self, url: str, companions: tuple[str, ...] = ()) -> Path:
+        """The local copy of the remote object `url` (e.g. a .beton), checked against its size and the sha256 stored
+        with it when there is one, and beside it those of `url + suffix` for each suffix in `companions` (its
+        sidecar). Keyed by the object's ETag: a replaced object is fetched again."""
+        size, etag, sha256 = object_store.head(url)
+        key = f"{url}|{etag}"
+        for suffix in companions:
+            self.local(url + suffix, key)
+        return self.local(url, key, sha256, size)
+
     def _make_room(self, incoming: int) -> None:
         """Evict least recently used whole files (never temporary ones, never pinned) until `incoming` fits."""
         self.folder.mkdir(parents=True, exist_ok=True)

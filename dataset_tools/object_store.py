@@ -40,6 +40,10 @@ _retries_lock = threading.Lock()
 _clients: dict[int, object] = {}  # per process: a client made before a fork is not used after it
 
 
+class MissingObject(UserError):
+    """No object (or local file) at the URL; the bucket exists."""
+
+
 def is_remote(url: str | os.PathLike) -> bool:
     return str(url).startswith("s3://")
 
@@ -106,7 +110,7 @@ def _permanent_error(exc: Exception, url: str) -> UserError | None:
     if code == "NoSuchBucket":
         return UserError(f"{url}: the bucket does not exist")
     if code in ("NoSuchKey", "404", "NotFound"):
-        return UserError(f"{url}: no such object")
+        return MissingObject(f"{url}: no such object")
     if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return UserError(f"{url}: access denied ({code}); check the credentials and the bucket's policy")
     if not _transient(exc):
@@ -141,7 +145,7 @@ def read_bytes(url: str) -> bytes:
         try:
             return Path(url).read_bytes()
         except FileNotFoundError:
-            raise UserError(f"{url}: no such file") from None
+            raise MissingObject(f"{url}: no such file") from None
         except OSError as exc:
             raise UserError(f"{url}: unreadable ({exc})") from None
     bucket, key = _split(url)
@@ -150,6 +154,18 @@ def read_bytes(url: str) -> bytes:
         response = _client().get_object(Bucket=bucket, Key=key)
         _count(response["ResponseMetadata"].get("RetryAttempts", 0))
         return response["Body"].read()
+
+    return _with_retries(url, attempt)
+
+
+def head(url: str) -> tuple[int, str, str | None]:
+    """A remote object's (size, ETag, the sha256 `put` stored with it or None)."""
+    bucket, key = _split(url)
+
+    def attempt():
+        response = _client().head_object(Bucket=bucket, Key=key)
+        _count(response["ResponseMetadata"].get("RetryAttempts", 0))
+        return response["ContentLength"], response.get("ETag", ""), response.get("Metadata", {}).get(_SHA256_KEY)
 
     return _with_retries(url, attempt)
 

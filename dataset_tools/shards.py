@@ -100,11 +100,13 @@ def is_shard_dataset(path: str | os.PathLike) -> bool:
 
 def read_index(url: str) -> ShardIndex:
     index_url = object_store.join(url, INDEX_NAME)
-    if not object_store.exists(index_url):
-        raise UserError(f"{index_url}: missing, so {url} is not a sharded dataset (write one with `fastimagenet "
-                        "convert SRC DST --format shards`; a convert that did not finish writes no index)")
     try:
-        meta = json.loads(object_store.read_bytes(index_url))
+        data = object_store.read_bytes(index_url)
+    except object_store.MissingObject:
+        raise UserError(f"{index_url}: missing, so {url} is not a sharded dataset (write one with `fastimagenet "
+                        "convert SRC DST --format shards`; a convert that did not finish writes no index)") from None
+    try:
+        meta = json.loads(data)
         if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
             raise ValueError("not an index of this version")
         shards = [Shard(**{k: entry[k] for k in ("name", "first", "samples", "bytes", "sha256")})

@@ -43,8 +43,10 @@ import numba
 import numpy as np
 import torch
 
+from dataset_tools import object_store
 from dataset_tools.beton_file import Beton
 from dataset_tools.convert import ConvertOptions, convert_split, read_sidecar
+from dataset_tools.object_cache import ObjectCache
 from dataset_tools.record_sums import stored_sums
 from fastimagenet.errors import UserError
 from fastimagenet.runtime import importing_ffcv, torch_threads_kept
@@ -64,9 +66,13 @@ with importing_ffcv():  # importing FFCV sets this thread's torch count to 1 (se
 
 
 def beton_path(spec: LoaderSpec) -> Path:
-    path = Path(spec.path)
+    """The .beton to read: spec.path, or for an s3:// URL its local copy (and its sidecar's), fetched once into
+    the node's cache (loader.cache_dir) and verified."""
     if not spec.path:
         raise UserError("no .beton file given (set data.train / data.val)")
+    if object_store.is_remote(spec.path):
+        return ObjectCache(spec.options.cache_dir, spec.options.cache_gb).copy_of(spec.path, companions=(".json",))
+    path = Path(spec.path)
     if path.is_dir():
         raise UserError(f"{path}: the ffcv loader reads a .beton file, not a folder; write one with "
                         f"`fastimagenet convert {path} {path.with_suffix('.beton')}`")

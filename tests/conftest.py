@@ -97,8 +97,23 @@ def folder_with_bad_files(jpeg_dataset, tmp_path):
     return root
 
 
+SHARDS = ":shards"  # a source name's suffix: the backend reading a sharded copy of the folder
+
+
+def backend(source: str) -> str:
+    """The loader backend of a source name ("torchvision", "dali:shards", ...)."""
+    return source.removesuffix(SHARDS)
+
+
 def data_path(name, folder, tmp_path):
-    """What a backend reads for an ImageFolder `folder`: the folder itself, or a .beton converted from it."""
+    """What a backend reads for an ImageFolder `folder`: the folder itself, or a .beton converted from it; for a
+    name ending in ":shards", a local sharded copy (folder order, 3 shards or so)."""
+    if name.endswith(SHARDS):
+        out = tmp_path / f"{folder.name}-shards"
+        if not out.exists():
+            assert main(["convert", str(folder), str(out), "--format", "shards", "--shard-order", "folder",
+                         "--shard-size-mb", "0.04", "--workers", "2"]) == 0
+        return out
     return loaders.data_from_folder(name, folder, tmp_path)
 
 
@@ -137,6 +152,7 @@ class _Paced:
 
 def make_spec(path, train=True, resolution=32, batch_size=4, workers=1, name="torchvision", **kwargs) -> LoaderSpec:
     return LoaderSpec(path=str(path), train=train, resolution=resolution, batch_size=batch_size,
-                      device=torch.device("cpu"), augment=DataConfig(), options=LoaderConfig(name=name, workers=workers),
+                      device=torch.device("cpu"), augment=DataConfig(),
+                      options=LoaderConfig(name=backend(name), workers=workers),
                       **kwargs)
 
