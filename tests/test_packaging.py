@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import loaders
+from dataset_tools import object_store
 from fastimagenet.config import CONFIGS_DIR, SOURCE_TREE, recipe_files
 from fastimagenet.errors import UserError
 from fastimagenet.metrics import read_metrics
@@ -36,10 +37,13 @@ def test_backend_extras_install_what_the_registry_asks_for():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = {name: {_requirement_name(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
     base = {_requirement_name(r) for r in project["dependencies"]}
-    assert set(extras) <= set(loaders.NAMES)
+    assert set(extras) <= set(loaders.NAMES) | {"s3"}
     for name, backend in loaders._BACKENDS.items():
         named = {_requirement_name(word) for word in backend.install.split("pip install", 1)[1].split()}
         assert named == extras[name] if name in extras else named <= base, (name, backend.install)
+    # s3:// data (any backend): the packages the object store's message names when boto3 is missing, and that extra
+    named = {_requirement_name(word) for word in object_store.INSTALL_HINT.split("pip install", 1)[1].split()[:1]}
+    assert named == extras["s3"] and "'fastimagenet[s3]'" in object_store.INSTALL_HINT
 
 
 def test_the_checkout_reads_its_own_configs_and_a_missing_directory_is_named(tmp_path):
