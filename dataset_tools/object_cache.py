@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import Counter
 from pathlib import Path
 
 from dataset_tools import object_store
@@ -31,7 +32,7 @@ class ObjectCache:
     def __init__(self, folder: str | os.PathLike, limit_gb: float):
         self.folder = Path(folder) if str(folder) else default_folder()
         self.limit = int(limit_gb * 1e9)
-        self.pinned: set[Path] = set()
+        self.pinned: Counter[Path] = Counter()  # files this process still needs, by how many passes need them
         self._lock = threading.Lock()  # fills in this process's threads evict one at a time
 
     def path_for(self, key: str, name: str) -> Path:
@@ -80,7 +81,7 @@ class ObjectCache:
         for _, size, path in sorted(files):
             if used + incoming <= self.limit:
                 break
-            if path in self.pinned:
+            if self.pinned[path] > 0:
                 continue
             path.unlink(missing_ok=True)
             used -= size

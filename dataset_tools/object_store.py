@@ -38,6 +38,7 @@ _SHA256_KEY = "sha256"  # user metadata key `put` sets and `download` checks
 _retries = 0
 _retries_lock = threading.Lock()
 _clients: dict[int, object] = {}  # per process: a client made before a fork is not used after it
+_clients_lock = threading.Lock()
 
 
 class MissingObject(UserError):
@@ -74,17 +75,22 @@ def _split(url: str) -> tuple[str, str]:
 
 def _client():
     pid = os.getpid()
-    if pid not in _clients:
-        try:
-            import boto3
-            from botocore.config import Config
-        except ImportError:
-            raise UserError(f"reading s3:// URLs needs boto3, which is not installed: {INSTALL_HINT}") from None
-        config = Config(retries={"max_attempts": BOTO_ATTEMPTS, "mode": "standard"},
-                        connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S)
-        # boto3 reads AWS_ENDPOINT_URL and the credential chain itself
-        _clients[pid] = boto3.session.Session().client("s3", config=config)
-    return _clients[pid]
+    with _clients_lock:  # the fetch threads' first calls would each make one
+        if pid not in _clients:
+            _clients[pid] = _new_client()
+        return _clients[pid]
+
+
+def _new_client():
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise UserError(f"reading s3:// URLs needs boto3, which is not installed: {INSTALL_HINT}") from None
+    config = Config(retries={"max_attempts": BOTO_ATTEMPTS, "mode": "standard"},
+                    connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S)
+    # boto3 reads AWS_ENDPOINT_URL and the credential chain itself
+    return boto3.session.Session().client("s3", config=config)
 
 
 def _transient(exc: Exception) -> bool:

@@ -55,6 +55,7 @@ DEFAULT_SHARD_MB = 256
 SHARD_ORDERS = ("shuffled", "folder")
 _SHUFFLE_SEED = 0
 _WDS_INDEX_VERSION = "v1.2"  # DALI's webdataset index format (its tools/wds2idx.py writes this version)
+_ENCODE_WINDOW = 512  # images encoded ahead of the shard writer
 _BLOCK = 512  # tar's block size: a member's data starts after its 512-byte header (short names, ustar)
 
 
@@ -153,7 +154,8 @@ def _encode_all(samples: list[tuple[str, int]], options: ConvertOptions):
             return path, label, None, 0, 0, f"{type(exc).__name__}: {exc}"
 
     with ThreadPoolExecutor(max_workers=options.workers or os.cpu_count() or 1) as pool:
-        yield from pool.map(one, samples, chunksize=16)
+        for start in range(0, len(samples), _ENCODE_WINDOW):  # a window at a time: memory stays bounded
+            yield from pool.map(one, samples[start : start + _ENCODE_WINDOW])
 
 
 class _ShardWriter:

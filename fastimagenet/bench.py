@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 import loaders
+from dataset_tools.shards import is_shard_dataset, read_index
 from fastimagenet.config import Config, DataConfig
 from fastimagenet.errors import UserError
 from loaders.base import LoaderSpec
@@ -74,9 +75,12 @@ def torchvision_reference(data: str, resolution: int, batch_size: int, workers: 
 
 
 def image_folder_of(data: str) -> str:
-    """The ImageFolder behind a benchmark's data: the folder itself, or the one a .beton was converted from."""
+    """The ImageFolder behind a benchmark's data: the folder itself, or the one a .beton or shards were written
+    from."""
     if not data:
         raise UserError("bench loader: --baseline torchvision reads an ImageFolder: give it with --data DIR")
+    if is_shard_dataset(data):
+        return read_index(data).settings["source"]
     if not data.endswith(".beton"):
         return data
     from dataset_tools.convert import read_sidecar
@@ -99,6 +103,8 @@ def bench_loader(name: str, data: str, resolution: int, batch_size: int, workers
         for baseline in baselines:
             if baseline == "torchvision":
                 pipeline = torchvision_reference(image_folder_of(data), resolution, batch_size, workers)
+            elif baseline == "folder":  # the same backend on the image folder a sharded dataset was written from
+                pipeline = _Epochs(loaders.build_loader(name, dataclasses.replace(spec, path=image_folder_of(data))))
             elif baseline == "raw":
                 pipeline = loaders.build_raw_pipeline(name, spec)
             else:  # another backend's library used by hand, on the same images

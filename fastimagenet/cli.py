@@ -311,18 +311,20 @@ def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
     """`bench loader`: images/s of a loader alone."""
     bl = bench_sub.add_parser("loader", help="Images/s of a loader alone (median of timed passes), printed as one JSON line.")
     bl.add_argument("--loader", choices=loaders.NAMES, required=True, help="Loader backend to measure.")
-    bl.add_argument("--data", default="", help="Train split to read (ImageFolder dir, or .beton for ffcv).")
+    bl.add_argument("--data", default="", help="Train split to read (ImageFolder dir, .beton for ffcv, or a "
+                                                "sharded split: a folder or s3:// prefix).")
     bl.add_argument("--resolution", type=int, default=176, help="Output resolution in pixels.")
     bl.add_argument("--batch-size", type=int, default=64, help="Images per batch.")
     bl.add_argument("--workers", type=int, default=0, help="Worker processes/threads (0: the CPUs this process may use).")
     bl.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Where batches are delivered.")
     bl.add_argument("--rounds", type=int, default=3,
                     help="Timed passes per pipeline, taken in turns after one untimed pass each; medians reported.")
-    bl.add_argument("--baseline", nargs="*", choices=("torchvision", "raw", "ffcv"),
+    bl.add_argument("--baseline", nargs="*", choices=("torchvision", "raw", "ffcv", "folder"),
                     help="Also measure, in the same run: 'torchvision' (the plain ImageFolder pipeline; the "
                          "default when the flag has no value), 'raw' (the backend's library used by hand) and/or "
                          "'ffcv' (raw FFCV on a .beton of the same images: --data itself, or one converted from the "
-                         "folder into a temporary directory first). JSON keys: <baseline>_images_per_s, "
+                         "folder into a temporary directory first), 'folder' (with sharded --data: the same "
+                         "backend on the image folder the shards were written from). JSON keys: <baseline>_images_per_s, "
                          "ratio_vs_<baseline> (of the medians) and round_ratios_vs_<baseline> (within each round).")
     bl.set_defaults(func=cmd_bench_loader)
 

@@ -23,6 +23,7 @@ fills it again itself.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -39,6 +40,7 @@ __all__ = ["ShardSource", "is_shard_dataset", "shard_order"]
 
 _FETCH_THREADS = 4
 _SHARDS_AHEAD = 2  # shards fetched beyond those the next batch needs
+_OPEN_SHARDS = 16  # descriptors a process keeps open
 
 
 def shard_order(index: ShardIndex, seed: int, epoch: int, buffer: int) -> np.ndarray:
@@ -118,17 +120,24 @@ class ShardSource:
                 if not Path(self.index.shard_url(shard)).is_file():
                     raise UserError(f"{self.index.shard_url(shard)}: no such shard (the dataset is incomplete; "
                                     "write it again with `fastimagenet convert --format shards`)")
-        self._files: dict[int, int] = {}  # shard -> open descriptor, per process (opened lazily, after a fork)
+        # shard -> open descriptor, per process (opened after a fork), the least recently opened closed first: an
+        # evicted file's space is freed only when no descriptor holds it
+        self._files: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> order, for the current and the next epoch
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's samples of `epoch`, in order (see the module notes)."""
         count, world, rank = len(self.index), self.spec.world_size, self.spec.rank
         if not self.spec.train:
             return np.array_split(np.arange(count), world)[rank]
-        share = count // world
-        order = shard_order(self.index, self.spec.seed, epoch, self.spec.options.shuffle_buffer)
-        return order[rank * share : (rank + 1) * share]
+        if epoch not in self._orders:  # computed once per epoch (~0.8 s for ImageNet), asked for more often
+            if len(self._orders) >= 2:
+                del self._orders[min(self._orders)]
+            share = count // world
+            order = shard_order(self.index, self.spec.seed, epoch, self.spec.options.shuffle_buffer)
+            self._orders[epoch] = order[rank * share : (rank + 1) * share]
+        return self._orders[epoch]
 
     def local_shard(self, shard: int) -> Path:
         """The shard's local file: in the split's folder, or the cache's copy (fetched when missing)."""
@@ -141,13 +150,13 @@ class ShardSource:
         """Sample i's JPEG bytes."""
         shard = int(self.index.shard_of[i])
         if os.getpid() != self._pid:  # a forked worker opens its own descriptors
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            try:
-                self._files[shard] = os.open(self.local_shard(shard), os.O_RDONLY)
-            except FileNotFoundError:
-                raise UserError(f"{self.index.shard_url(shard)}: no such shard (the dataset is incomplete; write it "
-                                "again with `fastimagenet convert --format shards`)") from None
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if shard in self._files:
+            self._files.move_to_end(shard)
+        else:
+            if len(self._files) >= _OPEN_SHARDS:
+                os.close(self._files.popitem(last=False)[1])
+            self._files[shard] = os.open(self.local_shard(shard), os.O_RDONLY)
         data = os.pread(self._files[shard], int(self.index.lengths[i]), int(self.index.offsets[i]))
         if len(data) != self.index.lengths[i]:
             raise UserError(f"{self.index.shard_url(shard)}: shorter than its index says (a damaged shard)")
@@ -170,24 +179,28 @@ class ShardSource:
                     needed.append(shard)
                 last_use[shard] = b
         futures: dict[int, Future] = {}
+        pinned = set()  # this pass's pins (another pass, e.g. DALI's next epoch, may hold pins of its own)
         with ThreadPoolExecutor(_FETCH_THREADS) as pool:
             try:
                 for b, batch in enumerate(batches):
                     shards = dict.fromkeys(shard_of[batch].tolist())
                     horizon = max(first_use[s] for s in shards) + _SHARDS_AHEAD
                     for shard in needed[len(futures): horizon + 1]:
-                        self.cache.pinned.add(self._cache_path(shard))
+                        pinned.add(shard)
+                        self.cache.pinned[self._cache_path(shard)] += 1
                         futures[shard] = pool.submit(self.local_shard, shard)
                     for shard in shards:
                         futures[shard].result()  # raises the fill's error (a UserError naming the shard)
                     yield batch
                     for shard in shards:
                         if last_use[shard] == b:
-                            self.cache.pinned.discard(self._cache_path(shard))
+                            pinned.discard(shard)
+                            self.cache.pinned[self._cache_path(shard)] -= 1
             finally:
                 for future in futures.values():
                     future.cancel()
-                self.cache.pinned.clear()
+                for shard in pinned:
+                    self.cache.pinned[self._cache_path(shard)] -= 1
 
     def _cache_path(self, shard: int) -> Path:
         info = self.index.shards[shard]
