@@ -203,3 +203,29 @@ def test_a_killed_convert_leaves_no_index(tmp_path):
     with pytest.raises(UserError, match="index.json: missing"):
         read_index(str(dst))
     assert not np.any([path.name.endswith(".tar") and path.stat().st_size == 0 for path in dst.iterdir()])
+
+
+def test_a_stop_while_shards_download_resumes_and_ends_as_an_unstopped_run(s3_shards, fault_proxy, tmp_path,
+                                                                          monkeypatch, capsys):
+    """SIGTERM inside an epoch whose shards are still being fetched (each fetch stalled, and a cache of about two
+    shards, so every epoch fetches again): the run stops after its step with a checkpoint, and the resume ends with
+    the weights of a run never stopped."""
+    from tests.step_signals import signalling_build
+    from tests.test_preemption import RUN, _assert_ends_as
+
+    def args(out, cache):
+        return ["train", "--loader", "torchvision", f"data.train={s3_shards}/train", f"data.val={s3_shards}/val",
+                f"runtime.out_dir={out}", f"loader.cache_dir={cache}", "loader.cache_gb=0.0001", *RUN]
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert main(args(full, tmp_path / "cache-full")) == 0
+    fault_proxy.plan = [0.2] * 1000
+    build = loaders.build_loader
+    monkeypatch.setattr(loaders, "build_loader", signalling_build(build, 1, 4, signal.SIGTERM))
+    assert main(args(stopped, tmp_path / "cache")) == 128 + signal.SIGTERM
+    assert "stopped in epoch 1 at step 6" in capsys.readouterr().out
+    monkeypatch.setattr(loaders, "build_loader", build)
+    assert main(["train", "--resume", str(stopped)]) == 0
+    assert "(resuming at epoch 1, step 6)" in capsys.readouterr().out
+    _assert_ends_as(full, stopped)
+    assert fault_proxy.injected > 10
