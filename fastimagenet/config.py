@@ -49,7 +49,7 @@ class Stage(NamedTuple):
 
 @dataclass
 class DataConfig:
-    train: str = ""  # ImageFolder dir (root/<class>/<image>) or a .beton file, depending on the loader
+    train: str = ""  # ImageFolder dir (root/<class>/<image>), sharded split or .beton file (local or s3://): per loader
     val: str = ""
     num_classes: int = 0  # 0: inferred from the train split
     strict: bool = False  # unreadable images: error (true) or skip and report (false)

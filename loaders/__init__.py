@@ -27,14 +27,17 @@ class _Backend(NamedTuple):
     reads: str = "an ImageFolder directory"  # what data.train / data.val name for it; "": it makes its data up
 
 
+_FOLDER_OR_SHARDS = "an ImageFolder directory, or a sharded split (a folder or an s3:// prefix)"
+
 # The one line each backend adds here; a backend with options of its own also adds its section to loaders/options.py.
 _BACKENDS = {
-    "torchvision": _Backend("loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow"),
+    "torchvision": _Backend("loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow",
+                            reads=_FOLDER_OR_SHARDS),
     "synthetic": _Backend("loaders.synthetic", "SyntheticLoader", "pip install torch", reads=""),
-    "dali": _Backend("loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120"),
+    "dali": _Backend("loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120", reads=_FOLDER_OR_SHARDS),
     "ffcv": _Backend("loaders.ffcv_loader", "FfcvLoader",
                      "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install ffcv numba",
-                     reads="a .beton file"),
+                     reads="a .beton file (a path or an s3:// URL)"),
 }
 
 NAMES = tuple(_BACKENDS)
