@@ -233,7 +233,7 @@ def convert_split_to_shards(src: str | os.PathLike, dst: str, options: ConvertOp
         samples = [samples[i] for i in np.random.default_rng(_SHUFFLE_SEED).permutation(len(samples))]
     remote = object_store.is_remote(dst)
     # shards are written locally first (into dst itself, or a scratch folder they are uploaded from)
-    folder = Path(tempfile.mkdtemp(prefix=".shards-")) if remote else Path(dst)
+    folder = Path(tempfile.mkdtemp(prefix="fastimagenet-shards-")) if remote else Path(dst)
     folder.mkdir(parents=True, exist_ok=True)
     limit = shard_mb * 1e6
     entries, writer, total = [], None, 0
@@ -261,7 +261,8 @@ def convert_split_to_shards(src: str | os.PathLike, dst: str, options: ConvertOp
         settings = {k: v for k, v in asdict(options).items() if k in ("max_resolution", "jpeg_quality", "subset")}
         index = dict(format=INDEX_FORMAT, version=INDEX_VERSION, classes=classes,
                      samples=sum(entry["samples"] for entry in entries), shards=entries,
-                     settings=dict(settings, shard_mb=shard_mb, order=order, source=str(Path(src).resolve())), skipped=skipped)
+                     settings=dict(settings, shard_mb=shard_mb, order=order, source=str(Path(src).resolve())),
+                     skipped=skipped)
         object_store.put_bytes(json.dumps(index).encode(), index_url)  # last: now it is a dataset
     finally:
         if writer is not None:

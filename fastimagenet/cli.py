@@ -143,6 +143,10 @@ def cmd_convert(args) -> None:
     if args.format == "shards":
         from dataset_tools.shards import convert_to_shards, read_index
 
+        if args.write_mode != "jpg":
+            raise UserError(f"--write-mode {args.write_mode}: shards store JPEGs (the write modes are for .beton "
+                            "files); leave out --write-mode with --format shards")
+
         classes = read_index(args.classes_from).classes if args.classes_from else None
         reports = convert_to_shards(args.src, args.dst, options, classes, args.shard_size_mb, args.shard_order)
     else:

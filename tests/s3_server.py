@@ -79,7 +79,7 @@ class FaultProxy:
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return
                     if fault == "503":
-                        reply = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                        reply = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
                         self.send_response(503)
                         self.send_header("Content-Length", str(len(reply)))
                         self.end_headers()

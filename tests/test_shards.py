@@ -229,3 +229,10 @@ def test_a_stop_while_shards_download_resumes_and_ends_as_an_unstopped_run(s3_sh
     assert "(resuming at epoch 1, step 6)" in capsys.readouterr().out
     _assert_ends_as(full, stopped)
     assert fault_proxy.injected > 10
+
+
+def test_convert_refuses_a_beton_write_mode_for_shards(jpeg_dataset, tmp_path, capsys):
+    assert main(["convert", str(jpeg_dataset / "train"), str(tmp_path / "out"), "--format", "shards",
+                 "--write-mode", "raw"]) != 0
+    assert "--write-mode raw: shards store JPEGs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
