@@ -18,12 +18,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from dataset_tools import object_store
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools import object_store
 
 
 def default_folder() -> Path:
-    from dataset_tools.verify import cache_root
+    from fastimagenet.dataset_tools.verify import cache_root
 
     return cache_root() / "objects"
 

@@ -9,7 +9,7 @@ is ever in a config or a log line. Object stores fail in passing as a matter of 
 - what retrying cannot fix is a UserError naming the URL: a missing object or bucket, denied access, a checksum that
   does not match (the index's sha256, or the one `put` stores in the object's metadata).
 Downloads go to a temporary name beside the destination and are renamed only when whole and verified
-(fastimagenet/atomic.py), so processes sharing a cache directory never read a half-written file.
+(fastimagenet/common/atomic.py), so processes sharing a cache directory never read a half-written file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from fastimagenet.atomic import atomic_output
-from fastimagenet.errors import UserError
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
 
 INSTALL_HINT = "pip install boto3 (or: pip install 'fastimagenet[s3]')"
 ATTEMPTS = 5  # whole-object reads, each with boto3's own retries inside

@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataset_tools import object_store
-from dataset_tools.convert import ConvertOptions, ConvertReport, first_per_class, load_rgb
-from dataset_tools.image_rules import header_problem
-from dataset_tools.scan import FolderScan, scan_image_folder
-from fastimagenet.atomic import atomic_output
-from fastimagenet.errors import UserError
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools import object_store
+from fastimagenet.dataset_tools.convert import ConvertOptions, ConvertReport, first_per_class, load_rgb
+from fastimagenet.dataset_tools.image_rules import header_problem
+from fastimagenet.dataset_tools.scan import FolderScan, scan_image_folder
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT, INDEX_VERSION = "fastimagenet-shards", 1
@@ -205,7 +205,7 @@ class _ShardWriter:
 
 
 def _scanned(src: str | os.PathLike, options: ConvertOptions, classes: list[str] | None):
-    from dataset_tools.verify import kept_samples  # torch: imported only when converting
+    from fastimagenet.dataset_tools.verify import kept_samples  # torch: imported only when converting
 
     scan = scan_image_folder(src, classes)
     if options.subset:

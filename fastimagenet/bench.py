@@ -15,12 +15,12 @@ from typing import Iterator
 
 import torch
 
-import loaders
-from dataset_tools.shards import is_shard_dataset, read_index
+from fastimagenet import loaders
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config, DataConfig
-from fastimagenet.errors import UserError
-from loaders.base import LoaderSpec
-from loaders.options import LoaderConfig
+from fastimagenet.dataset_tools.shards import is_shard_dataset, read_index
+from fastimagenet.loaders.base import LoaderSpec
+from fastimagenet.loaders.options import LoaderConfig
 
 
 def _one_pass(iterable) -> float:
@@ -83,7 +83,7 @@ def image_folder_of(data: str) -> str:
         return read_index(data).settings["source"]
     if not data.endswith(".beton"):
         return data
-    from dataset_tools.convert import read_sidecar
+    from fastimagenet.dataset_tools.convert import read_sidecar
 
     source = read_sidecar(data).get("source")
     if source is None:  # written from arrays (the demo's Fashion-MNIST), not by `convert`

@@ -14,10 +14,10 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
 
 if TYPE_CHECKING:
-    from loaders.base import Loader, LoaderSpec
+    from fastimagenet.loaders.base import Loader, LoaderSpec
 
 
 class _Backend(NamedTuple):
@@ -31,11 +31,11 @@ _FOLDER_OR_SHARDS = "an ImageFolder directory, or a sharded split (a folder or a
 
 # The one line each backend adds here; a backend with options of its own also adds its section to loaders/options.py.
 _BACKENDS = {
-    "torchvision": _Backend("loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow",
+    "torchvision": _Backend("fastimagenet.loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow",
                             reads=_FOLDER_OR_SHARDS),
-    "synthetic": _Backend("loaders.synthetic", "SyntheticLoader", "pip install torch", reads=""),
-    "dali": _Backend("loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120", reads=_FOLDER_OR_SHARDS),
-    "ffcv": _Backend("loaders.ffcv_loader", "FfcvLoader",
+    "synthetic": _Backend("fastimagenet.loaders.synthetic", "SyntheticLoader", "pip install torch", reads=""),
+    "dali": _Backend("fastimagenet.loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120", reads=_FOLDER_OR_SHARDS),
+    "ffcv": _Backend("fastimagenet.loaders.ffcv_loader", "FfcvLoader",
                      "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install ffcv numba",
                      reads="a .beton file (a path or an s3:// URL)"),
 }

@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from fastimagenet.errors import UserError
-from loaders.augment import Augmentation
-from loaders.dali_options import DaliOptions
-from loaders.ffcv_options import FfcvOptions
+from fastimagenet.common.errors import UserError
+from fastimagenet.loaders.augment import Augmentation
+from fastimagenet.loaders.dali_options import DaliOptions
+from fastimagenet.loaders.ffcv_options import FfcvOptions
 
 
 @dataclass

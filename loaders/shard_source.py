@@ -30,11 +30,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from dataset_tools import object_store
-from dataset_tools.object_cache import ObjectCache
-from dataset_tools.shards import ShardIndex, is_shard_dataset, read_index
-from fastimagenet.errors import UserError
-from loaders.base import LoaderSpec
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools import object_store
+from fastimagenet.dataset_tools.object_cache import ObjectCache
+from fastimagenet.dataset_tools.shards import ShardIndex, is_shard_dataset, read_index
+from fastimagenet.loaders.base import LoaderSpec
 
 __all__ = ["ShardSource", "is_shard_dataset", "shard_order"]
 

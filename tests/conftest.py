@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
-from dataset_tools.synthetic_jpegs import make_jpeg_folder
+from fastimagenet import loaders
 from fastimagenet.cli import main
 from fastimagenet.config import DataConfig
+from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
+from fastimagenet.loaders.base import LoaderSpec
+from fastimagenet.loaders.options import LoaderConfig
 from fastimagenet.metrics import read_metrics
-from loaders.base import LoaderSpec
-from loaders.options import LoaderConfig
 
 torch.set_num_threads(2)
 

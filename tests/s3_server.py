@@ -14,7 +14,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from dataset_tools import object_store
+from fastimagenet.dataset_tools import object_store
 
 BUCKET = "datasets"
 

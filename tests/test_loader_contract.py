@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
+from fastimagenet import loaders
 from tests.conftest import SHARDS, backend, data_path, make_spec
 
 # Every registered backend, and those that read sharded datasets on a local sharded copy; those that read labelled

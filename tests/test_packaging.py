@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import loaders
-from dataset_tools import object_store
+from fastimagenet import loaders
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import CONFIGS_DIR, SOURCE_TREE, recipe_files
-from fastimagenet.errors import UserError
+from fastimagenet.dataset_tools import object_store
 from fastimagenet.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_wheel_installed_outside_the_checkout_lists_the_recipes_and_trains(tmp_p
     recipes = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
     assert recipes and all(f"fastimagenet/configs/{name}.yaml" in contents for name in recipes)
     # the optional JPEG region decoder: where this machine built it for the checkout, the wheel has it too
-    decoder = find_spec("loaders._jpeg_roi") is not None
+    decoder = find_spec("fastimagenet.loaders._jpeg_roi") is not None
     assert any(re.fullmatch(r"loaders/_jpeg_roi\..*\.so", name) for name in contents) or not decoder
 
     venv = tmp_path / "venv"
@@ -105,7 +105,7 @@ def test_wheel_installed_outside_the_checkout_lists_the_recipes_and_trains(tmp_p
     # --ignore-installed: the borrowed paths hold this checkout's own (editable) install; leave it alone
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel], outside, env)
 
-    modules = ["fastimagenet", "loaders", "dataset_tools", "fastimagenet.config"] + ["loaders._jpeg_roi"] * decoder
+    modules = ["fastimagenet", "loaders", "dataset_tools", "fastimagenet.config"] + ["fastimagenet.loaders._jpeg_roi"] * decoder
     where = json.loads(_run([python, "-c", "import importlib, json, sys; from fastimagenet.config import CONFIGS_DIR; "
                              "print(json.dumps([importlib.import_module(m).__file__ for m in sys.argv[1:]] + "
                              "[str(CONFIGS_DIR)]))", *modules], outside, env))

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
-from dataset_tools import object_store
-from dataset_tools.object_cache import ObjectCache
-from dataset_tools.shards import read_index
+from fastimagenet import loaders
 from fastimagenet.cli import main
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools import object_store
+from fastimagenet.dataset_tools.object_cache import ObjectCache
+from fastimagenet.dataset_tools.shards import read_index
 from tests.conftest import data_path, make_spec, train
 from tests.processes import Started
 from tests.s3_server import BUCKET, _moto_port, fault_proxy, s3  # noqa: F401 - fixtures
@@ -189,7 +189,7 @@ def test_a_corrupted_or_missing_shard_is_a_clear_error(s3_shards, s3, tmp_path):
 
 
 def test_a_killed_convert_leaves_no_index(tmp_path):
-    from dataset_tools.synthetic_jpegs import make_jpeg_folder
+    from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
 
     make_jpeg_folder(tmp_path / "src", classes=2, per_class=300, size=64, seed=5)
     dst = tmp_path / "shards"
