@@ -15,11 +15,11 @@ from typing import Iterator
 
 import torch
 
-import loaders
+from fastimagenet import loaders
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config, DataConfig
-from fastimagenet.errors import UserError
-from loaders.base import LoaderSpec
-from loaders.options import LoaderConfig
+from fastimagenet.loaders.base import LoaderSpec
+from fastimagenet.loaders.options import LoaderConfig
 
 
 def _one_pass(iterable) -> float:
@@ -79,7 +79,7 @@ def image_folder_of(data: str) -> str:
         raise UserError("bench loader: --baseline torchvision reads an ImageFolder: give it with --data DIR")
     if not data.endswith(".beton"):
         return data
-    from dataset_tools.convert import read_sidecar
+    from fastimagenet.dataset_tools.convert import read_sidecar
 
     source = read_sidecar(data).get("source")
     if source is None:  # written from arrays (the demo's Fashion-MNIST), not by `convert`

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-import loaders
-from fastimagenet.errors import Preempted, UserError
+from fastimagenet import loaders
+from fastimagenet.common.errors import Preempted, UserError
 
 DATA_HOME = Path(os.environ.get("FASTIMAGENET_DATA", Path.home() / ".cache" / "fastimagenet"))
 
@@ -59,8 +59,8 @@ def cmd_plot(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from dataset_tools.fashion_mnist import CLASSES, prepare_fashion_mnist
     from fastimagenet.config import load_config
+    from fastimagenet.dataset_tools.fashion_mnist import CLASSES, prepare_fashion_mnist
     from fastimagenet.train import fit
 
     loader = load_config("demo_fashion_mnist", _overrides(args)).loader.name  # the recipe's, or --loader's
@@ -122,11 +122,11 @@ def cmd_make_data(args) -> None:
             shutil.rmtree(out / split, ignore_errors=True)
         (out / ".complete").unlink(missing_ok=True)
     if args.kind == "fashion-mnist":
-        from dataset_tools.fashion_mnist import prepare_fashion_mnist
+        from fastimagenet.dataset_tools.fashion_mnist import prepare_fashion_mnist
 
         print(prepare_fashion_mnist(Path(args.out)))
     else:
-        from dataset_tools.synthetic_jpegs import make_jpeg_folder
+        from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
 
         for split, per_class in (("train", args.per_class), ("val", max(1, args.per_class // 5))):
             make_jpeg_folder(Path(args.out) / split, args.classes, per_class, args.size, seed=int(split == "val"))
@@ -134,7 +134,7 @@ def cmd_make_data(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from dataset_tools.convert import ConvertOptions, convert, read_sidecar
+    from fastimagenet.dataset_tools.convert import ConvertOptions, convert, read_sidecar
 
     options = ConvertOptions(write_mode=args.write_mode, max_resolution=args.max_resolution,
                              jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
@@ -146,7 +146,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from dataset_tools.inspect_beton import format_inspection, inspect_beton
+    from fastimagenet.dataset_tools.inspect_beton import format_inspection, inspect_beton
 
     info = inspect_beton(args.file, verify=args.verify)
     print(format_inspection(info))
@@ -357,7 +357,7 @@ def _add_make_data(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     """`convert`: ImageFolder images to FFCV .beton files."""
-    from dataset_tools.convert import WRITE_MODES, ConvertOptions  # numpy + PIL only: a light import
+    from fastimagenet.dataset_tools.convert import WRITE_MODES, ConvertOptions  # numpy + PIL only: a light import
     conv = sub.add_parser("convert", help="Write ImageFolder images to FFCV .beton files (for --loader ffcv).")
     conv.add_argument("src", metavar="SRC", help="An ImageFolder split (SRC/<class>/<image>), or a dataset root "
                                                  "holding train/ and val/.")

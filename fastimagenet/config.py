@@ -17,11 +17,11 @@ from typing import NamedTuple
 
 import yaml
 
-import loaders
-from fastimagenet.errors import UserError
+from fastimagenet import loaders
+from fastimagenet.common.errors import UserError
+from fastimagenet.loaders import options as loader_options
+from fastimagenet.loaders.options import LoaderConfig
 from fastimagenet.models import ARCHS, check_model_options
-from loaders import options as loader_options
-from loaders.options import LoaderConfig
 
 
 def _source_and_configs() -> tuple[Path | None, Path]:

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastimagenet.checkpoint import CheckpointKeeper, load_checkpoint, remove_partial_writes
+from fastimagenet.common.errors import Preempted, UserError
 from fastimagenet.config import Config, save_config
 from fastimagenet.distributed import (DistEnv, all_reduce_sum, average_buffers, env_from_torchrun,
                                       init_process_group, is_main_process, shutdown)
-from fastimagenet.errors import Preempted, UserError
 from fastimagenet.evaluation import evaluate
 from fastimagenet.flops import mfu, peak_tflops
 from fastimagenet.metrics import EpochResult, RunLogger

@@ -14,10 +14,10 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
 
 if TYPE_CHECKING:
-    from loaders.base import Loader, LoaderSpec
+    from fastimagenet.loaders.base import Loader, LoaderSpec
 
 
 class _Backend(NamedTuple):
@@ -29,10 +29,11 @@ class _Backend(NamedTuple):
 
 # The one line each backend adds here; a backend with options of its own also adds its section to loaders/options.py.
 _BACKENDS = {
-    "torchvision": _Backend("loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow"),
-    "synthetic": _Backend("loaders.synthetic", "SyntheticLoader", "pip install torch", reads=""),
-    "dali": _Backend("loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120"),
-    "ffcv": _Backend("loaders.ffcv_loader", "FfcvLoader",
+    "torchvision": _Backend("fastimagenet.loaders.torchvision_loader", "TorchvisionLoader",
+                            "pip install torchvision pillow"),
+    "synthetic": _Backend("fastimagenet.loaders.synthetic", "SyntheticLoader", "pip install torch", reads=""),
+    "dali": _Backend("fastimagenet.loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120"),
+    "ffcv": _Backend("fastimagenet.loaders.ffcv_loader", "FfcvLoader",
                      "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install ffcv numba",
                      reads="a .beton file"),
 }
@@ -51,7 +52,7 @@ def _backend_module(name: str):
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] in ("loaders", "fastimagenet", "dataset_tools"):
+        if exc.name and exc.name.split(".")[0] == "fastimagenet":
             raise  # our own bug, not a missing package
         raise UserError(f"the '{name}' loader needs '{exc.name}', which is not installed: {install}") from None
 

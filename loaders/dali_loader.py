@@ -52,14 +52,14 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
 
-from dataset_tools.scan import scan_image_folder
-from dataset_tools.image_rules import KEPT_FORMATS
-from dataset_tools.verify import kept_samples
-from fastimagenet.errors import UserError
-from loaders.augment import Augmentation, crop_windows
-from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device, rank_share,
-                          to_device_nchw)
-from loaders.reduced_jpegs import within_budget
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.image_rules import KEPT_FORMATS
+from fastimagenet.dataset_tools.scan import scan_image_folder
+from fastimagenet.dataset_tools.verify import kept_samples
+from fastimagenet.loaders.augment import Augmentation, crop_windows
+from fastimagenet.loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device,
+                                       rank_share, to_device_nchw)
+from fastimagenet.loaders.reduced_jpegs import within_budget
 
 # What this backend reads, as PIL names the formats: the formats every backend keeps (DALI's decoders read these and
 # JPEG 2000, but not GIF).

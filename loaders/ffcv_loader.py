@@ -43,13 +43,13 @@ import numba
 import numpy as np
 import torch
 
-from dataset_tools.beton_file import Beton
-from dataset_tools.convert import ConvertOptions, convert_split, read_sidecar
-from dataset_tools.record_sums import stored_sums
-from fastimagenet.errors import UserError
-from fastimagenet.runtime import importing_ffcv, torch_threads_kept
-from loaders.augment import crop_windows
-from loaders.base import LoaderSpec, check_batch_fits, epoch_order, rank_share
+from fastimagenet.common.errors import UserError
+from fastimagenet.common.threads import importing_ffcv, torch_threads_kept
+from fastimagenet.dataset_tools.beton_file import Beton
+from fastimagenet.dataset_tools.convert import ConvertOptions, convert_split, read_sidecar
+from fastimagenet.dataset_tools.record_sums import stored_sums
+from fastimagenet.loaders.augment import crop_windows
+from fastimagenet.loaders.base import LoaderSpec, check_batch_fits, epoch_order, rank_share
 
 with importing_ffcv():  # importing FFCV sets this thread's torch count to 1 (see the module notes)
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
@@ -60,7 +60,7 @@ with importing_ffcv():  # importing FFCV sets this thread's torch count to 1 (se
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-    from loaders.ffcv_window_decoder import WindowCropDecoder
+    from fastimagenet.loaders.ffcv_window_decoder import WindowCropDecoder
 
 
 def beton_path(spec: LoaderSpec) -> Path:
@@ -77,7 +77,7 @@ def beton_path(spec: LoaderSpec) -> Path:
 
 def demo_data(home: Path) -> tuple[Path, Path]:
     """The demo's Fashion-MNIST as this backend reads it: train and val .beton files, written once under `home`."""
-    from dataset_tools import fashion_mnist
+    from fastimagenet.dataset_tools import fashion_mnist
 
     return fashion_mnist.fashion_mnist_betons(home / "fashion-mnist-ffcv")
 

@@ -23,11 +23,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dataset_tools.image_rules import header_problem, to_plain_mode
-from loaders.augment import Box, pixel_windows
+from fastimagenet.dataset_tools.image_rules import header_problem, to_plain_mode
+from fastimagenet.loaders.augment import Box, pixel_windows
 
 try:
-    from loaders._jpeg_roi import Error as JpegError, decode_region
+    from fastimagenet.loaders._jpeg_roi import Error as JpegError, decode_region
 except ImportError:  # a checkout never built (no compiler, no libjpeg-dev): everything decodes through PIL
     decode_region = JpegError = None
     print("notice: the JPEG region decoder (loaders/_jpeg_roi.c) is not built, so JPEGs decode whole through PIL "

@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from loaders.augment import Augmentation
-from loaders.dali_options import DaliOptions
-from loaders.ffcv_options import FfcvOptions
+from fastimagenet.loaders.augment import Augmentation
+from fastimagenet.loaders.dali_options import DaliOptions
+from fastimagenet.loaders.ffcv_options import FfcvOptions
 
 
 @dataclass

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from dataset_tools.scan import scan_image_folder
-from dataset_tools.verify import kept_samples
-from fastimagenet.errors import UserError
-from loaders.augment import Augmentation, TrainCrops, center_crop_box
-from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, copied_ahead, epoch_order,
-                          local_world_size, rank_share)
-from loaders.image_decode import decode_crop, forking_workers, single_threaded_worker
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.scan import scan_image_folder
+from fastimagenet.dataset_tools.verify import kept_samples
+from fastimagenet.loaders.augment import Augmentation, TrainCrops, center_crop_box
+from fastimagenet.loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, copied_ahead, epoch_order,
+                                       local_world_size, rank_share)
+from fastimagenet.loaders.image_decode import decode_crop, forking_workers, single_threaded_worker
 
 # How many following samples to try in place of an unreadable one, so an epoch never dies on one bad file.
 _SUBSTITUTE_TRIES = 16

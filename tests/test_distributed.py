@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import loaders
+from fastimagenet import loaders
 from fastimagenet import training_setup as train_module
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import load_config
 from fastimagenet.distributed import env_from_torchrun
-from fastimagenet.errors import UserError
 from fastimagenet.metrics import read_metrics
 from fastimagenet.train import fit
 from tests.conftest import TINY_RUN, data_path
@@ -230,7 +230,7 @@ _DIES_ONCE_DRIVER = """
 import os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})  # for tests.step_signals
-import loaders
+from fastimagenet import loaders
 from fastimagenet import train
 from fastimagenet.cli import main
 from tests.step_signals import signalling_build

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
+from fastimagenet import loaders
 from tests.conftest import data_path, make_spec
 
 # Every registered backend; those that read labelled data are checked for content too (`synthetic` makes up random
