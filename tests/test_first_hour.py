@@ -55,7 +55,8 @@ def test_an_unset_data_path_names_the_key_for_every_backend(name):
 
 def test_train_inside_a_class_folder_without_data_val_is_an_error_not_a_validation_on_it(jpeg_dataset, monkeypatch,
                                                                                           capsys):
-    """It used to validate on the current directory (here: the train split itself) without a word."""
+    """An unset data.val is an error naming it, not a validation on the current directory (here: the train split
+    itself)."""
     monkeypatch.chdir(jpeg_dataset / "train")
     before = sorted(os.listdir("."))
     args = ["train", f"data.train={jpeg_dataset / 'train'}", *TINY_RUN, *ONE_STAGE, "epochs=1"]

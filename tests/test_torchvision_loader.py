@@ -94,7 +94,8 @@ print("done")
 
 def test_workers_start_in_a_process_whose_opencv_pool_is_running(jpeg_dataset, tmp_path):
     """A process that resized a large image with OpenCV before its loader started (a convert, a benchmark of another
-    backend): its forked workers used to wait for ever on the thread pool they inherited without its threads."""
+    backend): its forked workers would wait for ever on the thread pool they inherit without its threads, unless
+    the pool is shrunk around their start (image_decode.forking_workers)."""
     run = subprocess.run([sys.executable, "-c", _AFTER_OPENCV_THREADS, str(jpeg_dataset / "train")],
                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
                          env={**os.environ, "FASTIMAGENET_CACHE": str(tmp_path)})
