@@ -5,5 +5,5 @@ from setuptools import Extension, setup
 
 # optional: without a compiler or libjpeg-dev the package still installs, and decodes JPEGs through PIL (with a
 # notice; loaders/image_decode.py)
-setup(ext_modules=[Extension("loaders._jpeg_roi", ["loaders/_jpeg_roi.c"], libraries=["jpeg"],
+setup(ext_modules=[Extension("fastimagenet.loaders._jpeg_roi", ["loaders/_jpeg_roi.c"], libraries=["jpeg"],
                              extra_compile_args=["-O2"], optional=True)])

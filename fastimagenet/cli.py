@@ -64,8 +64,7 @@ def cmd_demo(args) -> None:
     from fastimagenet.train import fit
 
     loader = load_config("demo_fashion_mnist", _overrides(args)).loader.name  # the recipe's, or --loader's
-    # the data in the backend's own form, or image folders (each written once); synthetic reads nothing and is told
-    # the demo's classes
+    # the data in the backend's own form, or image folders (each written once)
     own_form = loaders.demo_data(loader, DATA_HOME)
     if own_form:
         train, val = own_form
@@ -73,12 +72,13 @@ def cmd_demo(args) -> None:
         root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
         train, val = root / "train", root / "val"
     overrides = [f"data.train={train}", f"data.val={val}"]
-    if loader == "synthetic":
+    made_up = not loaders.reads(loader)  # a backend that reads no data makes up its images: it is told the classes
+    if made_up:
         overrides.append(f"data.num_classes={len(CLASSES)}")
     if args.out_dir:
         overrides.append(f"runtime.out_dir={args.out_dir}")
     record = fit(load_config("demo_fashion_mnist", overrides + _overrides(args)), overwrite=args.overwrite)
-    data = "synthetic images (random: chance level)" if loader == "synthetic" else "Fashion-MNIST"
+    data = f"{loader} images (random: chance level)" if made_up else "Fashion-MNIST"
     print(f"demo: {data} val top-1 {record['val_top1']:.2%}")
 
 

@@ -40,7 +40,7 @@ SOURCE_TREE, CONFIGS_DIR = _source_and_configs()
 
 
 class Stage(NamedTuple):
-    """One step of explicit progressive resizing: from `start_epoch` on, train at this resolution and global batch."""
+    """One step of explicit progressive resizing: from `epoch` on, train at this resolution and global batch."""
 
     epoch: int  # the first epoch of the stage
     resolution: int

@@ -31,10 +31,11 @@ _FOLDER_OR_SHARDS = "an ImageFolder directory, or a sharded split (a folder or a
 
 # The one line each backend adds here; a backend with options of its own also adds its section to loaders/options.py.
 _BACKENDS = {
-    "torchvision": _Backend("fastimagenet.loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow",
-                            reads=_FOLDER_OR_SHARDS),
+    "torchvision": _Backend("fastimagenet.loaders.torchvision_loader", "TorchvisionLoader",
+                            "pip install torchvision pillow", reads=_FOLDER_OR_SHARDS),
     "synthetic": _Backend("fastimagenet.loaders.synthetic", "SyntheticLoader", "pip install torch", reads=""),
-    "dali": _Backend("fastimagenet.loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120", reads=_FOLDER_OR_SHARDS),
+    "dali": _Backend("fastimagenet.loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120",
+                     reads=_FOLDER_OR_SHARDS),
     "ffcv": _Backend("fastimagenet.loaders.ffcv_loader", "FfcvLoader",
                      "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install ffcv numba",
                      reads="a .beton file (a path or an s3:// URL)"),
@@ -54,7 +55,7 @@ def _backend_module(name: str):
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] in ("loaders", "fastimagenet", "dataset_tools"):
+        if exc.name and exc.name.split(".")[0] == "fastimagenet":
             raise  # our own bug, not a missing package
         raise UserError(f"the '{name}' loader needs '{exc.name}', which is not installed: {install}") from None
 

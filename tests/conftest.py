@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from fastimagenet import loaders
+import fastimagenet
+from fastimagenet import dataset_tools, loaders
 from fastimagenet.cli import main
 from fastimagenet.config import DataConfig
 from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
@@ -47,6 +49,18 @@ def isolated_settings(tmp_path_factory, monkeypatch):
     yield
     for key, value in saved.items():
         setattr(torch._dynamo.config, key, value)
+
+
+def pytest_configure(config):
+    """The checkout under test is the one imported: an editable install maps fastimagenet.loaders and
+    fastimagenet.dataset_tools to the folders of the checkout it was made from, which need not be the checkout whose
+    fastimagenet/ comes first on sys.path (the tests' root)."""
+    checkout = Path(fastimagenet.__file__).parent.parent
+    for package in (dataset_tools, loaders):
+        if Path(package.__file__).parent.parent != checkout:
+            raise pytest.UsageError(f"{package.__name__} comes from {Path(package.__file__).parent}, not from "
+                                    f"{checkout}: the editable install is of another checkout; install this one "
+                                    f"(pip install --no-deps -e {checkout}) or test the one installed")
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -25,9 +25,9 @@ def test_ffcv_baseline_converts_a_folder_into_a_temporary_beton(jpeg_dataset, tm
 
 
 def test_a_torchvision_baseline_for_a_beton_without_a_source_folder_is_a_clear_error(tmp_path):
-    from dataset_tools.convert import write_sidecar
     from fastimagenet.bench import image_folder_of
-    from fastimagenet.errors import UserError
+    from fastimagenet.common.errors import UserError
+    from fastimagenet.dataset_tools.convert import write_sidecar
 
     beton = tmp_path / "train.beton"
     write_sidecar(beton, ["a", "b"], 2, origin="arrays")  # as the demo writes its Fashion-MNIST files

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import loaders
+from fastimagenet import loaders
 from fastimagenet import bench
 from fastimagenet.bench import _TrainFeed
 from fastimagenet.cli import main

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_tools.synthetic_jpegs import _image as photo_like
 from fastimagenet.config import DataConfig
-from loaders._jpeg_roi import Error as JpegError, decode_region
-from loaders.augment import center_crop_box, crop_boxes, crop_uniforms
-from loaders.image_decode import UnreadableImage, decode_crop
+from fastimagenet.dataset_tools.synthetic_jpegs import _image as photo_like
+from fastimagenet.loaders._jpeg_roi import Error as JpegError, decode_region
+from fastimagenet.loaders.augment import center_crop_box, crop_boxes, crop_uniforms
+from fastimagenet.loaders.image_decode import UnreadableImage, decode_crop
 
 # (width, height, PIL save options, mode): the layouts libjpeg decodes differently
 ENCODINGS = {
@@ -141,8 +141,8 @@ def test_crops_stay_close_to_a_high_quality_reference(tmp_path, size):
 # region decoder fails, as it would there.
 _WITHOUT_THE_EXTENSION = """
 import sys
-sys.modules["loaders._jpeg_roi"] = None  # import fails with ImportError
-from loaders.image_decode import decode_crop
+sys.modules["fastimagenet.loaders._jpeg_roi"] = None  # import fails with ImportError
+from fastimagenet.loaders.image_decode import decode_crop
 image = decode_crop(sys.argv[1], lambda w, h: (0, 0, w, h), 16, flip=False)
 print(image.shape, image.dtype)
 """

@@ -57,7 +57,7 @@ def _borrowed_paths() -> list[str]:
     whatever .pth files add to it), less any entry that holds the project's own packages (the checkout itself)."""
     stdlib = Path(sysconfig.get_path("stdlib"))  # lib-dynload included
     return [entry for entry in sys.path if entry and Path(entry).is_dir() and not Path(entry).is_relative_to(stdlib)
-            and not any((Path(entry) / package).exists() for package in ("fastimagenet", "loaders", "dataset_tools"))]
+            and not (Path(entry) / "fastimagenet").exists()]
 
 
 def _run(command: list, cwd: Path, env: dict, timeout: float = 600) -> str:
@@ -94,7 +94,9 @@ def test_wheel_installed_outside_the_checkout_lists_the_recipes_and_trains(tmp_p
     assert recipes and all(f"fastimagenet/configs/{name}.yaml" in contents for name in recipes)
     # the optional JPEG region decoder: where this machine built it for the checkout, the wheel has it too
     decoder = find_spec("fastimagenet.loaders._jpeg_roi") is not None
-    assert any(re.fullmatch(r"loaders/_jpeg_roi\..*\.so", name) for name in contents) or not decoder
+    assert any(re.fullmatch(r"fastimagenet/loaders/_jpeg_roi\..*\.so", name) for name in contents) or not decoder
+    # one name in site-packages: loaders/ and dataset_tools/ install inside the package
+    assert {name.split("/")[0] for name in contents if not name.startswith("fastimagenet-")} == {"fastimagenet"}
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], outside, env)
@@ -105,7 +107,8 @@ def test_wheel_installed_outside_the_checkout_lists_the_recipes_and_trains(tmp_p
     # --ignore-installed: the borrowed paths hold this checkout's own (editable) install; leave it alone
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel], outside, env)
 
-    modules = ["fastimagenet", "loaders", "dataset_tools", "fastimagenet.config"] + ["fastimagenet.loaders._jpeg_roi"] * decoder
+    modules = (["fastimagenet", "fastimagenet.loaders", "fastimagenet.dataset_tools", "fastimagenet.config"]
+               + ["fastimagenet.loaders._jpeg_roi"] * decoder)
     where = json.loads(_run([python, "-c", "import importlib, json, sys; from fastimagenet.config import CONFIGS_DIR; "
                              "print(json.dumps([importlib.import_module(m).__file__ for m in sys.argv[1:]] + "
                              "[str(CONFIGS_DIR)]))", *modules], outside, env))

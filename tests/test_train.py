@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import loaders
+from fastimagenet import loaders
 from fastimagenet import bench
 from fastimagenet import train as train_module
 from fastimagenet.cli import build_parser, main
