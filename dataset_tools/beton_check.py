@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
 
 _JPEG, _RAW = 0, 1  # FFCV's storage modes of an RGB image record
 _SHOWN = 5  # bad records named in a message

@@ -11,9 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset_tools.beton_check import damaged_beton_error, record_extents, table_problems
-from dataset_tools.record_sums import record_sums
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.beton_check import damaged_beton_error, record_extents, table_problems
+from fastimagenet.dataset_tools.record_sums import record_sums
 
 CHANGED_BYTES = "its bytes are not those convert wrote (checksum mismatch)"
 
@@ -22,7 +22,7 @@ class Beton:
     """A .beton opened for reading records straight from the file (no loader, no JIT compile)."""
 
     def __init__(self, path: str | os.PathLike):
-        from fastimagenet.runtime import importing_ffcv
+        from fastimagenet.common.threads import importing_ffcv
 
         with importing_ffcv():  # FFCV's first import picks numba's threading layer and sets torch's thread count
             from ffcv.reader import Reader

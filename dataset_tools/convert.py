@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataset_tools.beton_file import Beton
-from dataset_tools.image_rules import MIN_STORED_SIDE, header_problem, jpeg_reduction, to_plain_mode
-from dataset_tools.record_sums import SUM_NAME, encode_sums
-from dataset_tools.scan import FolderScan, scan_image_folder
-from fastimagenet.atomic import atomic_output
-from fastimagenet.errors import UserError
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.beton_file import Beton
+from fastimagenet.dataset_tools.image_rules import MIN_STORED_SIDE, header_problem, jpeg_reduction, to_plain_mode
+from fastimagenet.dataset_tools.record_sums import SUM_NAME, encode_sums
+from fastimagenet.dataset_tools.scan import FolderScan, scan_image_folder
 
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
 SIDECAR_VERSION = 1
@@ -149,7 +149,7 @@ class _ImageSource:
 def write_records(out: Path, source, options: ConvertOptions) -> None:
     """Write `source` (indexable: i -> (HWC uint8 RGB pixels, label)) to `out` with FFCV's writer, in `options`'
     storage mode. Its writer processes fork, so `source` is not pickled."""
-    from fastimagenet.runtime import importing_ffcv
+    from fastimagenet.common.threads import importing_ffcv
 
     with importing_ffcv():  # importing FFCV sets this thread's torch count to 1
         from ffcv.fields import IntField, RGBImageField
@@ -186,7 +186,7 @@ def _write_beton(out: Path, samples: list[tuple[str, int]], options: ConvertOpti
         failure_log.unlink(missing_ok=True)
 
 
-def _first_per_class(samples: list[tuple[str, int]], count: int) -> list[tuple[str, int]]:
+def first_per_class(samples: list[tuple[str, int]], count: int) -> list[tuple[str, int]]:
     kept, seen = [], {}
     for path, label in samples:
         seen[label] = seen.get(label, 0) + 1
@@ -204,17 +204,17 @@ def convert_split(src: str | os.PathLike, dst: str | os.PathLike, options: Conve
         raise UserError(f"{dst}: the output of one split must be a .beton file")
     if dst.exists() and not options.force:
         raise UserError(f"{dst}: already exists (add --force to overwrite it)")
-    from fastimagenet.runtime import importing_ffcv
+    from fastimagenet.common.threads import importing_ffcv
 
     with importing_ffcv():  # importing FFCV sets this thread's torch count to 1
         import ffcv.writer  # noqa: F401 - its start-up (seconds of JIT set-up) stays out of the images/s figure
 
-    from dataset_tools.verify import kept_samples  # torch: imported only when converting
+    from fastimagenet.dataset_tools.verify import kept_samples  # torch: imported only when converting
 
     start = time.perf_counter()
     scan = scan_image_folder(src, classes)
     if options.subset:
-        scan = FolderScan(scan.root, scan.classes, _first_per_class(scan.samples, options.subset), scan.skipped)
+        scan = FolderScan(scan.root, scan.classes, first_per_class(scan.samples, options.subset), scan.skipped)
     samples, skipped, _ = kept_samples(scan, str(src), options.strict, report=False,  # the summary lists them
                                     lenient="leave out --strict")
     with atomic_output(dst) as tmp:  # makes the directory; a failed write is a message naming dst

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from fastimagenet.atomic import atomic_output
-from fastimagenet.errors import UserError
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
@@ -86,7 +86,7 @@ def fashion_mnist_betons(out_dir: Path, source: Path = DEBIAN_DIR) -> tuple[Path
     """out_dir/{train,val}.beton for the ffcv loader, written once straight from the idx files: raw pixels (at 28 px
     an image is 2.3 KiB, and a JPEG encoding would lose detail for nothing), no image folder in between. val.beton
     is written last, so its presence means both are whole; each file appears only when complete."""
-    from dataset_tools.convert import ConvertOptions, write_records, write_sidecar
+    from fastimagenet.dataset_tools.convert import ConvertOptions, write_records, write_sidecar
 
     out_dir = Path(out_dir)
     paths = out_dir / "train.beton", out_dir / "val.beton"

@@ -11,9 +11,9 @@ import os
 
 import numpy as np
 
-from dataset_tools.beton_file import Beton
-from dataset_tools.convert import read_sidecar, sidecar_path
-from dataset_tools.record_sums import stored_sums
+from fastimagenet.dataset_tools.beton_file import Beton
+from fastimagenet.dataset_tools.convert import read_sidecar, sidecar_path
+from fastimagenet.dataset_tools.record_sums import stored_sums
 
 _MODES = {0: "jpg", 1: "raw"}  # FFCV's per-record storage of an RGB image
 

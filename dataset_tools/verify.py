@@ -22,11 +22,11 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from dataset_tools.image_rules import KEPT_FORMATS, header_problem
-from dataset_tools.scan import FolderScan
-from fastimagenet.atomic import atomic_output
-from fastimagenet.distributed import wait_for_every_rank
-from fastimagenet.errors import UserError
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.barrier import wait_for_every_rank
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.image_rules import KEPT_FORMATS, header_problem
+from fastimagenet.dataset_tools.scan import FolderScan
 
 _CACHE_VERSION = 4  # 2: the pixel limit and the shared format list; 3: image sizes; 4: the decode budget
 

@@ -19,6 +19,7 @@ import torch
 from fastimagenet import loaders
 from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config, DataConfig
+from fastimagenet.dataset_tools.shards import is_shard_dataset
 from fastimagenet.loaders.base import LoaderSpec
 from fastimagenet.loaders.options import LoaderConfig
 
@@ -190,23 +191,34 @@ class _InOwnProcess:
 def _pipelines(names: list[str], data: str, baselines: list[str], spec: LoaderSpec,
                scratch: str) -> dict[tuple[str, str], Pipeline]:
     """The pipelines of a sweep, keyed (kind, backend), each once: every backend in `names` as `train` uses it, on
-    the images of `data` in the form that backend reads (loaders.data_for), and the baselines: "raw" is each
-    backend's own library on that same data; a backend's name is that backend's library on the same images in its
-    own form (converted into `scratch` when needed); "decode" is the whole decode of the images."""
-    def reading(name: str) -> LoaderSpec:
-        reads_data = loaders.reads(name) and str(data).strip()  # else "": build_loader says what is missing
-        path = loaders.data_for(name, data, scratch, spec.workers()) if reads_data else ""
-        return dataclasses.replace(spec, path=path)
+    the images of `data` in the form that backend reads (loaders.data_for; a sharded split as it is, for the backends
+    that read shards), and the baselines: "raw" is each backend's own library on the images in its form; a backend's
+    name is that backend's library on the same images in its own form (converted into `scratch` when needed);
+    "decode" is the whole decode of the images; "folder" is each backend as `train` uses it on the image folder a
+    sharded split was written from."""
+    sharded = bool(str(data).strip()) and is_shard_dataset(data)
+    images = str(loaders.image_folder_of(data)) if sharded else data  # what the libraries used by hand read
+
+    def reading(name: str, shards_as_they_are: bool = False) -> LoaderSpec:
+        if not (loaders.reads(name) and str(data).strip()):  # "": build_loader says what is missing
+            return dataclasses.replace(spec, path="")
+        if sharded and shards_as_they_are and loaders.reads_folders(name):
+            return dataclasses.replace(spec, path=data)
+        return dataclasses.replace(spec, path=loaders.data_for(name, images, scratch, spec.workers()))
 
     if not str(data).strip() and [baseline for baseline in baselines if baseline != "raw"]:
         raise UserError("bench loader: the baselines other than 'raw' read the images of --data: give it")
-    pipelines = {("loader", name): Pipeline("loader", name, reading(name)) for name in names}
+    if "folder" in baselines and not sharded:
+        raise UserError("bench loader: --baseline folder compares a sharded split (--data) with the image folder it "
+                        "was written from")
+    pipelines = {("loader", name): Pipeline("loader", name, reading(name, shards_as_they_are=True)) for name in names}
     for baseline in baselines:
-        if baseline == "raw":
+        if baseline in ("raw", "folder"):
             for name in names:
-                pipelines.setdefault(("raw", name), Pipeline("raw", name, pipelines["loader", name].spec))
+                kind = "raw" if baseline == "raw" else "loader"
+                pipelines.setdefault((baseline, name), Pipeline(kind, name, reading(name)))
         elif baseline == "decode":
-            folder = str(loaders.image_folder_of(data))
+            folder = str(loaders.image_folder_of(images))
             pipelines.setdefault(("decode", ""), Pipeline("decode", "", dataclasses.replace(spec, path=folder)))
         else:
             pipelines.setdefault(("raw", baseline), Pipeline("raw", baseline, reading(baseline)))
@@ -215,7 +227,8 @@ def _pipelines(names: list[str], data: str, baselines: list[str], spec: LoaderSp
 
 def _baseline_key(baseline: str, name: str) -> tuple[str, str]:
     """The pipeline (kind, backend) that `baseline` names for backend `name` (see _pipelines)."""
-    return {"raw": ("raw", name), "decode": ("decode", "")}.get(baseline, ("raw", baseline))
+    return {"raw": ("raw", name), "folder": ("folder", name), "decode": ("decode", "")}.get(baseline,
+                                                                                           ("raw", baseline))
 
 
 def bench_loaders(names: list[str], data: str, resolutions: list[int], batch_size: int, workers: int, device: str,

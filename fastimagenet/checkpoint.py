@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastimagenet.atomic import atomic_output
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config, apply_overrides, differing_keys, from_saved, validate
-from fastimagenet.errors import UserError
 
 
 def atomic_torch_save(obj, path: Path) -> None:

@@ -64,8 +64,7 @@ def cmd_demo(args) -> None:
     from fastimagenet.train import fit
 
     loader = load_config("demo_fashion_mnist", _overrides(args)).loader.name  # the recipe's, or --loader's
-    # the data in the backend's own form, or image folders (each written once); synthetic reads nothing and is told
-    # the demo's classes
+    # the data in the backend's own form, or image folders (each written once)
     own_form = loaders.demo_data(loader, DATA_HOME)
     if own_form:
         train, val = own_form
@@ -73,12 +72,13 @@ def cmd_demo(args) -> None:
         root = prepare_fashion_mnist(DATA_HOME / "fashion-mnist")
         train, val = root / "train", root / "val"
     overrides = [f"data.train={train}", f"data.val={val}"]
-    if loader == "synthetic":
+    made_up = not loaders.reads(loader)  # a backend that reads no data makes up its images: it is told the classes
+    if made_up:
         overrides.append(f"data.num_classes={len(CLASSES)}")
     if args.out_dir:
         overrides.append(f"runtime.out_dir={args.out_dir}")
     record = fit(load_config("demo_fashion_mnist", overrides + _overrides(args)), overwrite=args.overwrite)
-    data = "synthetic images (random: chance level)" if loader == "synthetic" else "Fashion-MNIST"
+    data = f"{loader} images (random: chance level)" if made_up else "Fashion-MNIST"
     print(f"demo: {data} val top-1 {record['val_top1']:.2%}")
 
 
@@ -156,8 +156,19 @@ def cmd_convert(args) -> None:
                              jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
                              smart_threshold=args.smart_threshold, workers=args.workers, subset=args.subset,
                              strict=args.strict, force=args.force)
-    classes = read_sidecar(args.classes_from)["classes"] if args.classes_from else None
-    for report in convert(args.src, args.dst, options, classes):
+    if args.format == "shards":
+        from fastimagenet.dataset_tools.shards import convert_to_shards, read_index
+
+        if args.write_mode != "jpg":
+            raise UserError(f"--write-mode {args.write_mode}: shards store JPEGs (the write modes are for .beton "
+                            "files); leave out --write-mode with --format shards")
+
+        classes = read_index(args.classes_from).classes if args.classes_from else None
+        reports = convert_to_shards(args.src, args.dst, options, classes, args.shard_size_mb, args.shard_order)
+    else:
+        classes = read_sidecar(args.classes_from)["classes"] if args.classes_from else None
+        reports = convert(args.src, args.dst, options, classes)
+    for report in reports:
         print(report.summary())
 
 
@@ -321,9 +332,11 @@ def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
     bl = bench_sub.add_parser("loader", help="Images/s of loaders alone (median of timed passes), against baselines: one JSON line per backend and resolution, then a table.")
     bl.add_argument("--loader", choices=loaders.NAMES, nargs="+", required=True,
                     help="Loader backend(s) to measure; several are measured in one run, taking turns.")
-    bl.add_argument("--data", default="", help="The images: an ImageFolder dir, or a .beton converted from one; "
-                                               "each backend and baseline reads them in its own form (a folder's "
-                                               "images are converted to a temporary .beton for ffcv).")
+    bl.add_argument("--data", default="", help="The images: an ImageFolder dir, a .beton converted from one, or a "
+                                               "sharded split (a folder or s3:// prefix); each backend and baseline "
+                                               "reads them in its own form (a folder's images are converted to a "
+                                               "temporary .beton for ffcv; backends that read shards read them as "
+                                               "they are).")
     bl.add_argument("--resolutions", "--resolution", type=_resolutions, default=[176], metavar="PX[,PX...]",
                     help="Output resolution(s) in pixels, e.g. 128,176,224: each is measured in turn, every "
                          "pipeline rebuilt for it.")
@@ -332,13 +345,14 @@ def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
     bl.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Where batches are delivered.")
     bl.add_argument("--rounds", type=int, default=3,
                     help="Timed passes per pipeline, taken in turns after one untimed pass each; medians reported.")
-    bl.add_argument("--baseline", nargs="*", choices=("raw", "decode", *loaders.NAMES),
+    bl.add_argument("--baseline", nargs="*", choices=("raw", "decode", "folder", *loaders.NAMES),
                     help="Also measure, in the same run: 'raw' (each backend's own library used by hand), a "
                          "backend's name (that backend's library used by hand on the same images: 'torchvision' is "
                          "the plain ImageFolder pipeline, the default when the flag has no value; 'ffcv' reads a "
-                         ".beton, converted from the folder into a temporary directory when needed) and/or 'decode' "
+                         ".beton, converted from the folder into a temporary directory when needed), 'decode' "
                          "(the images decoded whole with PIL by as many workers, no crop or resize: the cost of "
-                         "decoding them). Every pipeline runs in a process of its own. JSON keys: "
+                         "decoding them) and/or 'folder' (with sharded --data: each backend on the image folder the "
+                         "shards were written from). Every pipeline runs in a process of its own. JSON keys: "
                          "<baseline>_images_per_s, ratio_vs_<baseline> (of the medians) and "
                          "round_ratios_vs_<baseline> (within each round); then a table.")
     bl.set_defaults(func=cmd_bench_loader)
@@ -382,11 +396,23 @@ def _add_make_data(sub: argparse._SubParsersAction) -> None:
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     """`convert`: ImageFolder images to FFCV .beton files."""
     from fastimagenet.dataset_tools.convert import WRITE_MODES, ConvertOptions  # numpy + PIL only: a light import
-    conv = sub.add_parser("convert", help="Write ImageFolder images to FFCV .beton files (for --loader ffcv).")
+    from fastimagenet.dataset_tools.shards import DEFAULT_SHARD_MB, SHARD_ORDERS
+    conv = sub.add_parser("convert", help="Write ImageFolder images to FFCV .beton files (for --loader ffcv) "
+                                                 "or to tar shards, locally or in a bucket (--format shards).")
     conv.add_argument("src", metavar="SRC", help="An ImageFolder split (SRC/<class>/<image>), or a dataset root "
                                                  "holding train/ and val/.")
     conv.add_argument("dst", metavar="DST", help="The .beton file for a split; for a dataset root, a directory that "
                                                  "gets train.beton and val.beton (each with a .json class sidecar).")
+    conv.add_argument("--format", choices=("beton", "shards"), default="beton",
+                      help="beton: FFCV .beton files (for --loader ffcv); shards: WebDataset-layout tar shards with "
+                           "an index.json and DALI index files, in a folder or at an s3://bucket/prefix DST (for "
+                           "--loader torchvision and dali; DST/train and DST/val for a dataset root).")
+    conv.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_MB,
+                      help="shards: the size a shard is closed at, in MB (the default is in the 100 MB - 1 GB range "
+                           "WebDataset suggests).")
+    conv.add_argument("--shard-order", choices=SHARD_ORDERS, default="shuffled",
+                      help="shards: the samples' order, shuffled once (so each shard mixes many classes) or the "
+                           "folder's (by class, then name).")
     conv.add_argument("--write-mode", choices=WRITE_MODES, default=ConvertOptions.write_mode,
                       help="How images are stored: jpg (compact, decoded while loading), raw (pixels: fastest to "
                            "load, ~10x larger), proportion (JPEG for a random --compress-probability share), smart "
@@ -403,7 +429,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--workers", type=int, default=0, help="Writer processes (0: one per CPU core).")
     conv.add_argument("--subset", type=int, default=0, help="Only the first N images of each class, for trials.")
     conv.add_argument("--classes-from", metavar="TRAIN.beton",
-                      help="Label a split with the classes of an already converted train split (its sidecar).")
+                      help="Label a split with the classes of an already converted train split (its sidecar; with "
+                           "--format shards, the train split's folder or s3:// prefix).")
     conv.add_argument("--strict", action="store_true",
                       help="Stop with an error on an unreadable image instead of skipping and reporting it.")
     conv.add_argument("--force", action="store_true", help="Overwrite existing output files.")

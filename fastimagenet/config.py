@@ -17,11 +17,11 @@ from typing import NamedTuple
 
 import yaml
 
-import loaders
-from fastimagenet.errors import UserError
+from fastimagenet import loaders
+from fastimagenet.common.errors import UserError
+from fastimagenet.loaders import options as loader_options
+from fastimagenet.loaders.options import LoaderConfig
 from fastimagenet.models import ARCHS, check_model_options
-from loaders import options as loader_options
-from loaders.options import LoaderConfig
 
 
 def _source_and_configs() -> tuple[Path | None, Path]:
@@ -40,7 +40,7 @@ SOURCE_TREE, CONFIGS_DIR = _source_and_configs()
 
 
 class Stage(NamedTuple):
-    """One step of explicit progressive resizing: from `start_epoch` on, train at this resolution and global batch."""
+    """One step of explicit progressive resizing: from `epoch` on, train at this resolution and global batch."""
 
     epoch: int  # the first epoch of the stage
     resolution: int
@@ -49,7 +49,7 @@ class Stage(NamedTuple):
 
 @dataclass
 class DataConfig:
-    train: str = ""  # ImageFolder dir (root/<class>/<image>) or a .beton file, depending on the loader
+    train: str = ""  # ImageFolder dir (root/<class>/<image>), sharded split or .beton file (local or s3://): per loader
     val: str = ""
     num_classes: int = 0  # 0: inferred from the train split
     strict: bool = False  # unreadable images: error (true) or skip and report (false)

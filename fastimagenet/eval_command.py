@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from fastimagenet.atomic import atomic_output
 from fastimagenet.checkpoint import load_checkpoint
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config, apply_overrides, from_dict, from_saved, validate
 from fastimagenet.distributed import env_from_torchrun, init_process_group, shutdown
-from fastimagenet.errors import UserError
 from fastimagenet.evaluation import evaluate
 from fastimagenet.export import plain_state_dict
 from fastimagenet.models import ARCHS, Normalized
@@ -58,7 +58,7 @@ def _from_checkpoint(path: Path, state: dict, cfg: Config | None, ema: bool) -> 
     cfg = cfg or from_dict(state["config"], str(path))
     classes = state.get("classes")
     if classes is None and cfg.data.train and Path(cfg.data.train).is_dir():  # checkpoints of older runs
-        from dataset_tools.scan import scan_image_folder
+        from fastimagenet.dataset_tools.scan import scan_image_folder
 
         classes = scan_image_folder(cfg.data.train).classes
     return _Source(plain_state_dict(weights), cfg, classes, f"{path} (epoch {state['epoch']}"

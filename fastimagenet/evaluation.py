@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastimagenet.common.errors import UserError
 from fastimagenet.distributed import all_reduce_sum
-from fastimagenet.errors import UserError
 from fastimagenet.runtime import Runtime
 
 

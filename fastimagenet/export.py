@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from fastimagenet.atomic import atomic_output
 from fastimagenet.checkpoint import atomic_torch_save, load_checkpoint
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config, set_key, _flatten
-from fastimagenet.errors import UserError
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 

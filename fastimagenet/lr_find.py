@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastimagenet.atomic import atomic_output
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config
-from fastimagenet.errors import UserError
 from fastimagenet.optim import set_lr
 from fastimagenet.plan import build_plan
 from fastimagenet.runtime import resolve_runtime, seed_everything

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from fastimagenet.atomic import atomic_output
+from fastimagenet.common.atomic import atomic_output
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fastimagenet.blurpool import MIN_IN_CHANNELS, apply_blurpool
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
 
 # name -> (block, blocks per stage, small-image stem)
 ARCHS = {

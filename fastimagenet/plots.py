@@ -11,9 +11,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fastimagenet.atomic import atomic_output
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import from_saved
-from fastimagenet.errors import UserError
 from fastimagenet.metrics import read_metrics
 from fastimagenet.plan import build_plan
 

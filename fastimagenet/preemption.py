@@ -4,7 +4,8 @@ and `runtime.preempt_signal` (e.g. Slurm's `--signal=USR1@60`).
 The first signal asks the run to stop: every rank finishes its current optimizer step, the ranks agree on it, rank 0
 writes a checkpoint it can resume from exactly, and the process exits with 128 + the signal's number. A timer makes
 sure the process is gone within `runtime.preempt_grace_s` whatever happens; a second signal exits at once. Either
-way the checkpoint on disk is whole: every file is written to a temporary name and renamed (fastimagenet/atomic.py).
+way the checkpoint on disk is whole: every file is written to a temporary name and renamed
+(fastimagenet/common/atomic.py).
 """
 
 from __future__ import annotations

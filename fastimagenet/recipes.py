@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import CONFIGS_DIR, recipe_files
-from fastimagenet.errors import UserError
 
 REFERENCE_LABEL = "published reference (not our result)"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
 
 # What a run writes (see checkpoint.py for the checkpoints).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "best-ema.pt", "best-epoch*.pt", "interrupted.pt",

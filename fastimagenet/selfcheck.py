@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-import loaders
+from fastimagenet import loaders
 from fastimagenet.config import OptimConfig, load_config
 
 # On CUDA: ResNet-50 at ImageNet-like sizes, as a recipe trains; on CPU a tiny net and tiny images, as the tests.
@@ -144,12 +144,12 @@ def _config(name: str, data: str, cuda: bool, bench: dict, *overrides: str):
 
 def run_selfcheck(out: Path | None = None, say: Callable[[str], None] = print) -> list[Check]:
     """Every check in turn, each line said as it is done; the JSON file is written to `out` when given."""
-    from dataset_tools.synthetic_jpegs import make_jpeg_folder
     from fastimagenet.bench import bench_train
+    from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
+    from fastimagenet.loaders import image_decode
     from fastimagenet.plan import build_plan
     from fastimagenet.runtime import resolve_runtime
     from fastimagenet.training_setup import build_training
-    from loaders import image_decode
 
     cuda = torch.cuda.is_available()
     bench = _GPU_BENCH if cuda else _CPU_BENCH

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import loaders
-from fastimagenet.atomic import atomic_output
+from fastimagenet import loaders
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config
-from fastimagenet.errors import UserError
-from loaders.base import LoaderSpec
+from fastimagenet.loaders.base import LoaderSpec
 
 BORDER = 2  # pixels between tiles
 CAPTION = 14  # pixels under each tile for the class name

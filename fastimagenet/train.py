@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastimagenet.checkpoint import CheckpointKeeper, load_checkpoint, remove_partial_writes
+from fastimagenet.common.errors import Preempted, UserError
 from fastimagenet.config import Config, save_config
+from fastimagenet.dataset_tools import object_store
 from fastimagenet.distributed import (DistEnv, all_reduce_sum, average_buffers, env_from_torchrun,
                                       init_process_group, is_main_process, shutdown)
-from fastimagenet.errors import Preempted, UserError
 from fastimagenet.evaluation import evaluate
 from fastimagenet.flops import mfu, peak_tflops
 from fastimagenet.metrics import EpochResult, RunLogger
@@ -344,6 +345,7 @@ def epoch_record(run: Training, row: EpochPlan, train: EpochResult, val: dict) -
         "epoch_time_s": train.seconds,
         "tflops": flops_per_image * train.images_per_s / 1e12,  # achieved, all devices together
         "skipped_files": int(skipped.item()),  # sync: once per epoch
+        "fetch_retries": object_store.retry_count(),  # this rank's object-store errors retried so far
     }
     peak = peak_tflops(rt.device, rt.precision, run.cfg.runtime.peak_tflops)
     utilisation = mfu(flops_per_image, train.images_per_s, peak, run.env.world_size)

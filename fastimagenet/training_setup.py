@@ -11,18 +11,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-import loaders
+from fastimagenet import loaders
 from fastimagenet.checkpoint import restore_rng_state, training_state
 from fastimagenet.config import Config, to_dict
 from fastimagenet.distributed import DistEnv, keeps_gradients, wrap_ddp
 from fastimagenet.ema import ModelEma
 from fastimagenet.flops import TrainFlops
+from fastimagenet.loaders.base import Loader, LoaderSpec
 from fastimagenet.models import Normalized, build_model
 from fastimagenet.optim import build_optimizer
 from fastimagenet.plan import Plan
 from fastimagenet.plateau import Plateau, plateau_of
 from fastimagenet.runtime import Runtime, compile_module
-from loaders.base import Loader, LoaderSpec
 
 
 @dataclass

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from fastimagenet.loaders.base import Loader, LoaderSpec
 
 
-_FOLDER = "an ImageFolder directory"
+# What a backend that reads image folders reads: every such backend reads sharded splits too (loaders/shard_source.py).
+_FOLDER = "an ImageFolder directory, or a sharded split (a folder or an s3:// prefix)"
 
 
 class _Backend(NamedTuple):
@@ -32,12 +33,13 @@ class _Backend(NamedTuple):
 
 # The one line each backend adds here; a backend with options of its own also adds its section to loaders/options.py.
 _BACKENDS = {
-    "torchvision": _Backend("fastimagenet.loaders.torchvision_loader", "TorchvisionLoader", "pip install torchvision pillow"),
+    "torchvision": _Backend("fastimagenet.loaders.torchvision_loader", "TorchvisionLoader",
+                            "pip install torchvision pillow"),
     "synthetic": _Backend("fastimagenet.loaders.synthetic", "SyntheticLoader", "pip install torch", reads=""),
     "dali": _Backend("fastimagenet.loaders.dali_loader", "DaliLoader", "pip install nvidia-dali-cuda120"),
     "ffcv": _Backend("fastimagenet.loaders.ffcv_loader", "FfcvLoader",
                      "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install ffcv numba",
-                     reads="a .beton file"),
+                     reads="a .beton file (a path or an s3:// URL)"),
 }
 
 NAMES = tuple(_BACKENDS)
@@ -54,7 +56,7 @@ def _backend_module(name: str):
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] in ("loaders", "fastimagenet", "dataset_tools"):
+        if exc.name and exc.name.split(".")[0] == "fastimagenet":
             raise  # our own bug, not a missing package
         raise UserError(f"the '{name}' loader needs '{exc.name}', which is not installed: {install}") from None
 
@@ -71,6 +73,11 @@ def missing_package(name: str) -> str | None:
 def reads(name: str) -> str:
     """What data.train / data.val name for backend `name`, e.g. "a .beton file"; "" when it makes its data up."""
     return _known(name).reads
+
+
+def reads_folders(name: str) -> bool:
+    """Whether backend `name` reads image folders (and so sharded splits too)."""
+    return reads(name) == _FOLDER
 
 
 def check_data_path(name: str, spec: LoaderSpec) -> None:
@@ -103,10 +110,14 @@ def data_from_folder(name: str, folder: str | Path, scratch: str | Path, workers
 
 
 def image_folder_of(path: str | Path) -> Path:
-    """The ImageFolder behind data `path`: the directory itself, or the folder a backend's file was made from (the
-    `source_folder` of the backends that read files)."""
+    """The ImageFolder behind data `path`: the directory itself, the folder a sharded split was written from, or the
+    folder a backend's file was made from (the `source_folder` of the backends that read files)."""
+    from fastimagenet.dataset_tools.shards import is_shard_dataset, read_index
+
     if not str(path).strip():  # Path("") would be the current directory
         raise UserError("no image folder given")
+    if is_shard_dataset(path):
+        return Path(read_index(str(path)).settings["source"])
     if Path(path).is_dir():
         return Path(path)
     for name, backend in _BACKENDS.items():
@@ -122,7 +133,7 @@ def image_folder_of(path: str | Path) -> Path:
 def data_for(name: str, path: str | Path, scratch: str | Path, workers: int = 0) -> str:
     """What backend `name` reads of the images of `path` (an ImageFolder, or a file a backend reads): its image
     folder for a backend that reads folders, else `data_from_folder` (which keeps a file already in its form)."""
-    if reads(name) == _FOLDER:
+    if reads_folders(name):
         return str(image_folder_of(path))
     return str(data_from_folder(name, path, scratch, workers))
 

@@ -9,9 +9,9 @@ from typing import Iterator, Protocol
 
 import torch
 
-from fastimagenet.errors import UserError
-from loaders.augment import Augmentation
-from loaders.options import LoaderConfig
+from fastimagenet.common.errors import UserError
+from fastimagenet.loaders.augment import Augmentation
+from fastimagenet.loaders.options import LoaderConfig
 
 
 class Loader(Protocol):

@@ -1,4 +1,5 @@
 """DALI backend: JPEG decode on the GPU (nvJPEG through DALI's `mixed` decoders), or on CPU threads without one.
+Reads an ImageFolder tree or a sharded split (local or s3://: loaders/shard_source.py, and _ShardBytes below).
 
 - Order: each pass (an epoch, or an evaluation) gets a pipeline whose file reader walks that pass's files in our own
   order (epoch_order + shard, as every backend), so labels, order and sharding match the other backends exactly,
@@ -52,14 +53,15 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
 
-from dataset_tools.scan import scan_image_folder
-from dataset_tools.image_rules import KEPT_FORMATS
-from dataset_tools.verify import kept_samples
-from fastimagenet.errors import UserError
-from loaders.augment import Augmentation, crop_windows
-from loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device, rank_share,
-                          to_device_nchw)
-from loaders.reduced_jpegs import within_budget
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.image_rules import KEPT_FORMATS
+from fastimagenet.dataset_tools.scan import scan_image_folder
+from fastimagenet.dataset_tools.verify import kept_samples
+from fastimagenet.loaders.augment import Augmentation, crop_windows
+from fastimagenet.loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device,
+                                       rank_share, to_device_nchw)
+from fastimagenet.loaders.reduced_jpegs import within_budget
+from fastimagenet.loaders.shard_source import ShardSource, is_shard_dataset
 
 # What this backend reads, as PIL names the formats: the formats every backend keeps (DALI's decoders read these and
 # JPEG 2000, but not GIF).
@@ -136,6 +138,27 @@ class _CropWindows:
         windows = crop_windows(batch, self.sizes, self.seed, self.epoch, self.augment)
         anchors = np.ascontiguousarray(windows[:, :2])
         return (anchors, windows[:, 2:4] - anchors, np.ascontiguousarray(windows[:, 4]))[: self.outputs()]
+
+
+class _ShardBytes:
+    """The external source of a pass over a sharded split: batch k's encoded JPEGs, read from the shards' local
+    files in the pass's order (each batch once its shards are fetched: ShardSource.fetched), a last short batch
+    padded with repeats of its last sample as the file reader pads. DALI's webdataset reader is not used: it reads
+    each shard in its own order (its shuffle is its own buffer and seed, and it cannot start mid-epoch), where the
+    loader contract needs our order and an exact resume; on local files reading the bytes here costs a pread each.
+    """
+
+    def __init__(self, shards: ShardSource, indices: list[int], batch_size: int):
+        self.shards, self.batch_size = shards, batch_size
+        self.batches = shards.fetched(indices[start : start + batch_size]
+                                      for start in range(0, len(indices), batch_size))
+
+    def __call__(self, _k: int) -> list[np.ndarray]:
+        batch = next(self.batches, None)
+        if batch is None:
+            raise StopIteration
+        batch = batch + batch[-1:] * (self.batch_size - len(batch))
+        return [np.frombuffer(self.shards.read(i), dtype=np.uint8) for i in batch]
 
 
 # Default decode threads of a pipeline that decodes on the GPU (train, val). There nvJPEG does the pixel work on
@@ -263,18 +286,25 @@ class _Pass:
 
 class DaliLoader:
     def __init__(self, spec: LoaderSpec):
-        scan = scan_image_folder(spec.path, spec.classes)
-        # The files every backend keeps: DALI never meets one it cannot decode, nor a decompression bomb. Their
-        # sizes (from the headers) place the crop windows; kept as (width, height) rows of an array, where Python
-        # tuples would take ~140 MB per process on ImageNet.
-        samples, self.skipped, sizes = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
-        self.spec, self.classes = spec, scan.classes
+        self.spec = spec
         self._decode_device = decode_device(spec)
         self._handover = handover(self._decode_device, spec.device)
-        self._paths = [path for path, _ in samples]  # the dataset's files, which errors name
-        # what the file reader reads: the same files, but a JPEG above one decode's budget from a reduced copy
-        self._files, self._sizes = within_budget(self._paths, np.array(sizes, dtype=np.int32))
-        self._labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        self._shards = ShardSource(spec) if is_shard_dataset(spec.path) else None
+        if self._shards is not None:  # a sharded split: convert kept only decodable images within its size limit
+            self.skipped, self.classes = self._shards.skipped, self._shards.classes
+            self._paths, self._sizes = self._shards.names, self._shards.sizes
+            self._labels = torch.from_numpy(self._shards.index.labels)
+        else:
+            scan = scan_image_folder(spec.path, spec.classes)
+            # The files every backend keeps: DALI never meets one it cannot decode, nor a decompression bomb. Their
+            # sizes (from the headers) place the crop windows; kept as (width, height) rows of an array, where
+            # Python tuples would take ~140 MB per process on ImageNet.
+            samples, self.skipped, sizes = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
+            self.classes = scan.classes
+            self._paths = [path for path, _ in samples]  # the dataset's files, which errors name
+            # what the file reader reads: the same files, but a JPEG above one decode's budget from a reduced copy
+            self._files, self._sizes = within_budget(self._paths, np.array(sizes, dtype=np.int32))
+            self._labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
         self.first_step = 0
         self._check_fits()
@@ -287,6 +317,8 @@ class DaliLoader:
                              self.spec.batch_setting())
 
     def _indices(self, epoch: int) -> torch.Tensor:
+        if self._shards is not None:  # a sharded split has an order of its own (loaders/shard_source.py)
+            return torch.from_numpy(self._shards.order(epoch))
         return rank_share(epoch_order(len(self._paths), self.spec.seed, epoch, self.spec.train), self.spec)
 
     def __len__(self) -> int:
@@ -335,8 +367,12 @@ class DaliLoader:
         with pipe:
             # A last batch short of the batch size is padded with repeats of the last file; __iter__ keeps only the
             # real samples.
-            encoded, _ = fn.readers.file(files=[self._files[i] for i in indices], random_shuffle=False,
-                                         pad_last_batch=True)
+            if self._shards is not None:
+                encoded = fn.external_source(_ShardBytes(self._shards, indices, run.batch_size), batch=True,
+                                             dtype=types.UINT8, ndim=1)
+            else:
+                encoded, _ = fn.readers.file(files=[self._files[i] for i in indices], random_shuffle=False,
+                                             pad_last_batch=True)
             if spec.train:
                 windows = _CropWindows(indices, self._sizes, run.batch_size, spec.seed, run.epoch, spec.augment)
                 crops = fn.external_source(windows, num_outputs=windows.outputs(), batch=True, dtype=types.INT32,

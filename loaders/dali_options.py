@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fastimagenet.errors import UserError
-from loaders.augment import Augmentation
+from fastimagenet.common.errors import UserError
+from fastimagenet.loaders.augment import Augmentation
 
 
 @dataclass

@@ -45,8 +45,10 @@ import torch
 
 from fastimagenet.common.errors import UserError
 from fastimagenet.common.threads import importing_ffcv, torch_threads_kept
+from fastimagenet.dataset_tools import object_store
 from fastimagenet.dataset_tools.beton_file import Beton
 from fastimagenet.dataset_tools.convert import ConvertOptions, convert_split, read_sidecar
+from fastimagenet.dataset_tools.object_cache import ObjectCache
 from fastimagenet.dataset_tools.record_sums import stored_sums
 from fastimagenet.loaders.augment import crop_windows
 from fastimagenet.loaders.base import LoaderSpec, check_batch_fits, epoch_order, rank_share
@@ -64,9 +66,13 @@ with importing_ffcv():  # importing FFCV sets this thread's torch count to 1 (se
 
 
 def beton_path(spec: LoaderSpec) -> Path:
-    path = Path(spec.path)
+    """The .beton to read: spec.path, or for an s3:// URL its local copy (and its sidecar's), fetched once into
+    the node's cache (loader.cache_dir) and verified."""
     if not spec.path:
         raise UserError("no .beton file given (set data.train / data.val)")
+    if object_store.is_remote(spec.path):
+        return ObjectCache(spec.options.cache_dir, spec.options.cache_gb).copy_of(spec.path, companions=(".json",))
+    path = Path(spec.path)
     if path.is_dir():
         raise UserError(f"{path}: the ffcv loader reads a .beton file, not a folder; write one with "
                         f"`fastimagenet convert {path} {path.with_suffix('.beton')}`")

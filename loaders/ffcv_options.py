@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dataset_tools.image_rules import MIN_STORED_SIDE
-from fastimagenet.errors import UserError
-from loaders.augment import Augmentation
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.image_rules import MIN_STORED_SIDE
+from fastimagenet.loaders.augment import Augmentation
 
 
 @dataclass

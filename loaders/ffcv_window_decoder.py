@@ -24,12 +24,12 @@ from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
-from loaders.image_decode import dct_reduction
+from fastimagenet.loaders.image_decode import dct_reduction
 
 WINDOW_COLUMNS = 5  # left, top, right, bottom (whole source pixels), flip (0 or 1)
 
 try:  # the project's region decoder (loaders/_jpeg_roi.c), called as a C function from the compiled pipeline
-    from loaders import _jpeg_roi
+    from fastimagenet.loaders import _jpeg_roi
 
     _region = ctypes.CDLL(_jpeg_roi.__file__).fastimagenet_decode_region
     _region.restype = ctypes.c_long

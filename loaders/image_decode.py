@@ -15,6 +15,8 @@ dataset_tools/image_rules.py) so that a file changed since is refused before any
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -59,10 +61,12 @@ def forking_workers() -> Iterator[None]:
         cv2.setNumThreads(threads)
 
 
-def decode_crop(path: str, box_of, size: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
+def decode_crop(path, box_of, size: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
     """Decode `path`, crop the box `box_of(width, height)` and resize it to size x size: into `out` (a C-contiguous
-    size x size x 3 uint8 array, e.g. a slot of a batch) when given, so a batch is decoded in place."""
-    with Image.open(path) as img:  # reads the header only
+    size x size x 3 uint8 array, e.g. a slot of a batch) when given, so a batch is decoded in place. `path`: a file
+    name, or an object whose `read_bytes()` gives the encoded image (a sample inside a shard: loaders/shard_source.py)."""
+    data = None if isinstance(path, (str, os.PathLike)) else path.read_bytes()
+    with Image.open(path if data is None else io.BytesIO(data)) as img:  # reads the header only
         problem = header_problem(img)
         if problem:
             raise UnreadableImage(problem)
@@ -75,7 +79,10 @@ def decode_crop(path: str, box_of, size: int, flip: bool, out: np.ndarray | None
                 return array
             out[...] = array
             return out
-    return _jpeg_crop(path, box, size, flip, out)
+    if data is None:
+        with open(path, "rb") as file:
+            data = file.read()
+    return _jpeg_crop(data, box, size, flip, out)
 
 
 def dct_reduction(window_side: float, output_side: float) -> int:
@@ -89,9 +96,7 @@ def _dct_scale(box: Box, size: int) -> int:
     return dct_reduction(min(box[2] - box[0], box[3] - box[1]), size)
 
 
-def _jpeg_crop(path: str, box: Box, size: int, flip: bool, out: np.ndarray | None) -> np.ndarray:
-    with open(path, "rb") as file:
-        data = file.read()
+def _jpeg_crop(data: bytes, box: Box, size: int, flip: bool, out: np.ndarray | None) -> np.ndarray:
     # libjpeg fills a truncated file with grey and only warns; a whole JPEG has its end-of-image marker after the scan
     if not _has_end_marker(data):
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from loaders.augment import Augmentation
-from loaders.dali_options import DaliOptions
-from loaders.ffcv_options import FfcvOptions
+from fastimagenet.common.errors import UserError
+from fastimagenet.loaders.augment import Augmentation
+from fastimagenet.loaders.dali_options import DaliOptions
+from fastimagenet.loaders.ffcv_options import FfcvOptions
 
 
 @dataclass
@@ -18,6 +19,12 @@ class LoaderConfig:
     name: str = "torchvision"  # torchvision | dali | ffcv | synthetic
     workers: int = 0  # 0: this process's share of the CPUs (affinity / LOCAL_WORLD_SIZE), half of it for val
     synthetic_samples: int = 4096  # images per epoch for the synthetic loader
+    # sharded datasets (loaders/shard_source.py): where a node keeps its copies of remote shards and .beton files
+    # ("": $FASTIMAGENET_CACHE/objects), how much of the disk they may take, and the shuffle buffer in samples (a
+    # window of the epoch's shard stream: the order is computed, so it costs cache space, not memory)
+    cache_dir: str = ""
+    cache_gb: float = 100.0
+    shuffle_buffer: int = 16384
     # one section per backend with options, named as the backend (the config key is loader.<backend>.<option>)
     dali: DaliOptions = field(default_factory=DaliOptions)
     ffcv: FfcvOptions = field(default_factory=FfcvOptions)
@@ -36,5 +43,8 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 def check(loader: LoaderConfig, data: Augmentation) -> None:
     """Each backend's checks of its own section; the chosen backend also checks the `data.*` settings it reads."""
+    if loader.cache_gb <= 0 or loader.shuffle_buffer < 1:
+        raise UserError(f"config: need loader.cache_gb > 0 and loader.shuffle_buffer >= 1, got {loader.cache_gb}, "
+                        f"{loader.shuffle_buffer}")
     for name, section in _sections(loader).items():
         section.check(data, chosen=name == loader.name)

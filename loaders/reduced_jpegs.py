@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataset_tools.image_rules import DECODE_BUDGET, jpeg_reduction
-from dataset_tools.verify import cache_root
-from fastimagenet.atomic import atomic_output
-from fastimagenet.errors import UserError
+from fastimagenet.common.atomic import atomic_output
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.image_rules import DECODE_BUDGET, jpeg_reduction
+from fastimagenet.dataset_tools.verify import cache_root
 
 
 def within_budget(paths: list[str], sizes: np.ndarray) -> tuple[list[str], np.ndarray]:

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device
+from fastimagenet.loaders.base import LoaderSpec, batches_per_epoch, check_batch_fits, epoch_order, host_to_device
 
 
 class SyntheticLoader:

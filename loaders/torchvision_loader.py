@@ -1,4 +1,5 @@
-"""torchvision backend: a torch DataLoader with persistent workers over an ImageFolder tree.
+"""torchvision backend: a torch DataLoader with persistent workers over an ImageFolder tree or a sharded split
+(local or s3://: loaders/shard_source.py gives its samples, order and fetching).
 
 Speed comes from what the plain ImageFolder pipeline does not do:
 - JPEGs are decoded in the DCT domain at 1/2, 1/4 or 1/8 scale whenever the crop allows, straight into the crop at
@@ -29,6 +30,7 @@ from fastimagenet.loaders.augment import Augmentation, TrainCrops, center_crop_b
 from fastimagenet.loaders.base import (LoaderSpec, batches_per_epoch, check_batch_fits, copied_ahead, epoch_order,
                                        local_world_size, rank_share)
 from fastimagenet.loaders.image_decode import decode_crop, forking_workers, single_threaded_worker
+from fastimagenet.loaders.shard_source import ShardSource, is_shard_dataset
 
 # How many following samples to try in place of an unreadable one, so an epoch never dies on one bad file.
 _SUBSTITUTE_TRIES = 16
@@ -77,7 +79,7 @@ class _FolderDataset(Dataset):
                 self._decode(candidate, resolution, crops, k, out)
                 return self.samples[candidate][1]
             except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable file"
-                failures.append((self.samples[candidate][0], f"{type(exc).__name__}: {exc}"))
+                failures.append((str(self.samples[candidate][0]), f"{type(exc).__name__}: {exc}"))
         path, reason = failures[first_failure]
         raise UserError(f"{_SUBSTITUTE_TRIES} consecutive unreadable images, e.g. {path}: {reason}")
 
@@ -141,18 +143,24 @@ def check_shared_memory(workers: int, batch: int, resolution: int) -> None:
 class _EpochBatchSampler:
     """Runs in the main process: each epoch it yields batches of requests carrying the current resolution."""
 
-    def __init__(self, count: int, spec: LoaderSpec):
-        self.count, self.spec = count, spec
+    def __init__(self, count: int, spec: LoaderSpec, shards: ShardSource | None = None):
+        self.count, self.spec, self.shards = count, spec, shards
         self.epoch, self.resolution, self.batch_size = 0, spec.resolution, spec.per_rank_batch()
         self.first_step = 0
 
     def _indices(self) -> list[int]:
+        if self.shards is not None:  # a sharded split has an order of its own (loaders/shard_source.py)
+            return self.shards.order(self.epoch).tolist()
         return rank_share(epoch_order(self.count, self.spec.seed, self.epoch, self.spec.train), self.spec).tolist()
 
     def __iter__(self):
         indices = self._indices()
-        for start in range(self.first_step * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            yield [(i, self.resolution, self.epoch) for i in indices[start : start + self.batch_size]]
+        batches = (indices[start : start + self.batch_size]
+                   for start in range(self.first_step * self.batch_size, len(self) * self.batch_size, self.batch_size))
+        if self.shards is not None:  # each batch once its shards are local
+            batches = self.shards.fetched(batches)
+        for batch in batches:
+            yield [(i, self.resolution, self.epoch) for i in batch]
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self._indices()), self.batch_size, self.spec.train)
@@ -160,12 +168,17 @@ class _EpochBatchSampler:
 
 class TorchvisionLoader:
     def __init__(self, spec: LoaderSpec):
-        scan = scan_image_folder(spec.path, spec.classes)
-        # The files every backend keeps (verified once per node and cached, as for DALI); what is left out is
-        # reported now. A file that fails later anyway (changed since) is replaced by a neighbour and reported.
-        samples, self.skipped, sizes = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
-        self.spec, self.classes = spec, scan.classes
-        self._sampler = _EpochBatchSampler(len(samples), spec)
+        shards = ShardSource(spec) if is_shard_dataset(spec.path) else None
+        if shards is not None:  # shards hold only images convert kept
+            samples, self.skipped, sizes, self.classes = shards.samples, shards.skipped, shards.sizes, shards.classes
+        else:
+            scan = scan_image_folder(spec.path, spec.classes)
+            # The files every backend keeps (verified once per node and cached, as for DALI); what is left out is
+            # reported now. A file that fails later anyway (changed since) is replaced by a neighbour and reported.
+            samples, self.skipped, sizes = kept_samples(scan, spec.path, spec.strict, spec.local_rank)
+            self.classes = scan.classes
+        self.spec = spec
+        self._sampler = _EpochBatchSampler(len(samples), spec, shards)
         if spec.train:
             check_batch_fits(self._sampler.batch_size, len(samples) // spec.world_size, spec.path,
                              spec.batch_setting())

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-import loaders
-from dataset_tools.synthetic_jpegs import make_jpeg_folder
+import fastimagenet
+from fastimagenet import dataset_tools, loaders
 from fastimagenet.cli import main
 from fastimagenet.config import DataConfig
+from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
+from fastimagenet.loaders.base import LoaderSpec
+from fastimagenet.loaders.options import LoaderConfig
 from fastimagenet.metrics import read_metrics
-from loaders.base import LoaderSpec
-from loaders.options import LoaderConfig
 
 torch.set_num_threads(2)
 
@@ -47,6 +49,18 @@ def isolated_settings(tmp_path_factory, monkeypatch):
     yield
     for key, value in saved.items():
         setattr(torch._dynamo.config, key, value)
+
+
+def pytest_configure(config):
+    """The checkout under test is the one imported: an editable install maps fastimagenet.loaders and
+    fastimagenet.dataset_tools to the folders of the checkout it was made from, which need not be the checkout whose
+    fastimagenet/ comes first on sys.path (the tests' root)."""
+    checkout = Path(fastimagenet.__file__).parent.parent
+    for package in (dataset_tools, loaders):
+        if Path(package.__file__).parent.parent != checkout:
+            raise pytest.UsageError(f"{package.__name__} comes from {Path(package.__file__).parent}, not from "
+                                    f"{checkout}: the editable install is of another checkout; install this one "
+                                    f"(pip install --no-deps -e {checkout}) or test the one installed")
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -97,8 +111,23 @@ def folder_with_bad_files(jpeg_dataset, tmp_path):
     return root
 
 
+SHARDS = ":shards"  # a source name's suffix: the backend reading a sharded copy of the folder
+
+
+def backend(source: str) -> str:
+    """The loader backend of a source name ("torchvision", "dali:shards", ...)."""
+    return source.removesuffix(SHARDS)
+
+
 def data_path(name, folder, tmp_path):
-    """What a backend reads for an ImageFolder `folder`: the folder itself, or a .beton converted from it."""
+    """What a backend reads for an ImageFolder `folder`: the folder itself, or a .beton converted from it; for a
+    name ending in ":shards", a local sharded copy (folder order, 3 shards or so)."""
+    if name.endswith(SHARDS):
+        out = tmp_path / f"{folder.name}-shards"
+        if not out.exists():
+            assert main(["convert", str(folder), str(out), "--format", "shards", "--shard-order", "folder",
+                         "--shard-size-mb", "0.04", "--workers", "2"]) == 0
+        return out
     return loaders.data_from_folder(name, folder, tmp_path)
 
 
@@ -137,6 +166,7 @@ class _Paced:
 
 def make_spec(path, train=True, resolution=32, batch_size=4, workers=1, name="torchvision", **kwargs) -> LoaderSpec:
     return LoaderSpec(path=str(path), train=train, resolution=resolution, batch_size=batch_size,
-                      device=torch.device("cpu"), augment=DataConfig(), options=LoaderConfig(name=name, workers=workers),
+                      device=torch.device("cpu"), augment=DataConfig(),
+                      options=LoaderConfig(name=backend(name), workers=workers),
                       **kwargs)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 
-from dataset_tools.convert import load_rgb
-from dataset_tools.verify import inspect_image
-from loaders.augment import center_crop_box
-from loaders.image_decode import decode_crop
+from fastimagenet.dataset_tools.convert import load_rgb
+from fastimagenet.dataset_tools.verify import inspect_image
+from fastimagenet.loaders.augment import center_crop_box
+from fastimagenet.loaders.image_decode import decode_crop
 
 
 def refused_everywhere(path: str) -> None:

@@ -99,7 +99,7 @@ def _wrapping_train(build, wrap):
 
 def _run_paused(epoch: int, step: int, ready_file: Path, args: list[str]) -> int:
     """`fastimagenet ARGS` paused at (epoch, step) until its stop handler has handled a signal."""
-    import loaders
+    from fastimagenet import loaders
     from fastimagenet.cli import main
     from fastimagenet.preemption import StopSignals
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
+from fastimagenet import loaders
 from fastimagenet.config import DataConfig
-from loaders.augment import TrainCrops, crop_boxes, crop_uniforms, crop_windows, pixel_windows
+from fastimagenet.loaders.augment import TrainCrops, crop_boxes, crop_uniforms, crop_windows, pixel_windows
 from tests.conftest import data_path, make_spec
 
 

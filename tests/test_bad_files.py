@@ -18,14 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset_tools.convert import ConvertOptions, convert_split, load_rgb
-from dataset_tools.image_rules import MIN_STORED_SIDE
-from dataset_tools.beton_file import Beton
 from fastimagenet import checkpoint
-from fastimagenet.atomic import WriteFailed, atomic_output
 from fastimagenet.cli import main
-from fastimagenet.errors import UserError
-from loaders.image_decode import decode_crop
+from fastimagenet.common.atomic import WriteFailed, atomic_output
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.beton_file import Beton
+from fastimagenet.dataset_tools.convert import ConvertOptions, convert_split, load_rgb
+from fastimagenet.dataset_tools.image_rules import MIN_STORED_SIDE
+from fastimagenet.loaders.image_decode import decode_crop
 from tests.conftest import make_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ def test_the_fixture_lists_every_file():
 
 _FFCV_RUN = """
 import sys
-from loaders import build_loader
+from fastimagenet.loaders import build_loader
 from tests.conftest import make_spec
 beton = sys.argv[1]
 for train in (True, False):
@@ -150,8 +150,8 @@ for train in (True, False):
 
 def test_every_backend_keeps_and_reports_the_same_files(gauntlet, tmp_path, capsys):
     expected_kept = set(KEPT) | {f"class_{c}/good{i}.jpg" for c in "ab" for i in range(GOOD_PER_CLASS)}
-    from loaders.dali_loader import DaliLoader
-    from loaders.torchvision_loader import TorchvisionLoader
+    from fastimagenet.loaders.dali_loader import DaliLoader
+    from fastimagenet.loaders.torchvision_loader import TorchvisionLoader
 
     skipped = {}
     for name, cls in (("torchvision", TorchvisionLoader), ("dali", DaliLoader)):
@@ -176,8 +176,8 @@ def test_every_backend_keeps_and_reports_the_same_files(gauntlet, tmp_path, caps
 
 
 def test_the_reasons_say_what_is_wrong(gauntlet):
-    from dataset_tools.scan import scan_image_folder
-    from dataset_tools.verify import kept_samples
+    from fastimagenet.dataset_tools.scan import scan_image_folder
+    from fastimagenet.dataset_tools.verify import kept_samples
 
     skipped = kept_samples(scan_image_folder(gauntlet), str(gauntlet), report=False).skipped
     reason = {os.path.relpath(path, gauntlet): why for path, why in skipped.items()}
@@ -223,7 +223,7 @@ def test_decompression_bombs_are_refused_without_allocating_them(gauntlet):
 
 def test_a_pil_limit_switched_off_does_not_let_a_bomb_through(gauntlet, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # as some libraries do
-    from dataset_tools.verify import inspect_image
+    from fastimagenet.dataset_tools.verify import inspect_image
 
     assert "refused before decoding" in inspect_image(str(gauntlet / "class_b" / "bomb.png")).problem
 

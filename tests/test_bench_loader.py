@@ -12,7 +12,7 @@ import pytest
 from fastimagenet import loaders
 from fastimagenet import bench
 from fastimagenet.cli import main
-from tests.conftest import PacedClock
+from tests.conftest import SHARDS, PacedClock, data_path
 
 
 def json_rows(out: str) -> list[dict]:
@@ -108,3 +108,16 @@ def test_a_torchvision_baseline_for_a_beton_without_a_source_folder_is_a_clear_e
     write_sidecar(beton, ["a", "b"], 2, origin="arrays")  # as the demo writes its Fashion-MNIST files
     with pytest.raises(UserError, match=f"{beton} was not converted from an image folder"):
         image_folder_of(str(beton))
+
+
+def test_sharded_data_against_the_folder_it_was_written_from(jpeg_dataset, tmp_path, capsys):
+    """`--baseline folder`: each backend that reads shards on the sharded split and on its source folder; the
+    libraries used by hand ('raw', 'decode') read the source folder."""
+    shards = data_path(f"torchvision{SHARDS}", jpeg_dataset / "train", tmp_path)
+    assert main(["bench", "loader", "--loader", "torchvision", "--data", str(shards), "--resolutions", "32",
+                 "--batch-size", "16", "--workers", "1", "--rounds", "1", "--baseline", "folder", "decode"]) == 0
+    (row,) = json_rows(capsys.readouterr().out)
+    assert row["images_per_s"] > 0 and row["folder_images_per_s"] > 0 and row["decode_images_per_s"] > 0
+    assert main(["bench", "loader", "--loader", "torchvision", "--data", str(jpeg_dataset / "train"),
+                 "--baseline", "folder"]) == 1
+    assert "--baseline folder compares a sharded split" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import Config, from_saved, load_config, save_config
-from fastimagenet.errors import UserError
 
 
 def test_overrides_are_typed_and_nested():

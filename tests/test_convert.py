@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_tools.beton_file import Beton
-from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb, read_sidecar
-from dataset_tools.inspect_beton import inspect_beton
 from fastimagenet.cli import main
-from fastimagenet.errors import UserError
-from fastimagenet.runtime import importing_ffcv
+from fastimagenet.common.errors import UserError
+from fastimagenet.common.threads import importing_ffcv
+from fastimagenet.dataset_tools.beton_file import Beton
+from fastimagenet.dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb, read_sidecar
+from fastimagenet.dataset_tools.inspect_beton import inspect_beton
 
 EXIF_ORIENTATION = 0x0112
 

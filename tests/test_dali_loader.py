@@ -18,16 +18,16 @@ import torch.multiprocessing as mp
 from nvidia.dali import backend as dali_backend, backend_impl as dali_backend_impl
 from PIL import Image
 
-import loaders
-from dataset_tools import verify
-from dataset_tools.scan import scan_image_folder
+from fastimagenet import loaders
 from fastimagenet.bench import bench_loader
-from fastimagenet.errors import UserError
-from loaders import dali_loader
-from loaders.dali_loader import (DALI_FORMATS, Handover, decoder_options, dali_failure, handover, output_stream,
-                                 pipeline_error)
-from loaders.dali_options import DaliOptions
-from loaders.options import LoaderConfig
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools import verify
+from fastimagenet.dataset_tools.scan import scan_image_folder
+from fastimagenet.loaders import dali_loader
+from fastimagenet.loaders.dali_loader import (DALI_FORMATS, Handover, decoder_options, dali_failure, handover,
+                                              output_stream, pipeline_error)
+from fastimagenet.loaders.dali_options import DaliOptions
+from fastimagenet.loaders.options import LoaderConfig
 from fastimagenet.selfcheck import stream_stays_busy
 from tests.conftest import make_spec, train
 
@@ -372,7 +372,7 @@ def test_bench_times_passes_as_epochs_so_each_prepared_epoch_is_used(jpeg_datase
 # then forks a child whose garbage collector frees it, as a DataLoader worker or a writer process forked later does.
 _COLLECTED_IN_A_CHILD = """
 import gc, multiprocessing, sys
-import loaders
+from fastimagenet import loaders
 from tests.test_dali_loader import dali_spec
 loader = loaders.build_loader("dali", dali_spec(sys.argv[1], train=True))
 for _ in loader:

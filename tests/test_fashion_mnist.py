@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_tools.fashion_mnist import CLASSES, DEBIAN_DIR, prepare_fashion_mnist
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.fashion_mnist import CLASSES, DEBIAN_DIR, prepare_fashion_mnist
 
 
 def _write_idx(path, array, magic):
@@ -60,9 +60,9 @@ def test_bad_sources_have_clear_errors(tiny_source, tmp_path):
 
 @pytest.mark.slow  # FFCV's writer start-up and its JIT: ~15 s
 def test_idx_files_become_betons_of_the_exact_pixels(tiny_source, tmp_path, capsys):
-    from dataset_tools.fashion_mnist import _read_idx, fashion_mnist_betons
-    from dataset_tools.beton_file import Beton
-    from dataset_tools.inspect_beton import inspect_beton
+    from fastimagenet.dataset_tools.beton_file import Beton
+    from fastimagenet.dataset_tools.fashion_mnist import _read_idx, fashion_mnist_betons
+    from fastimagenet.dataset_tools.inspect_beton import inspect_beton
 
     train, val = fashion_mnist_betons(tmp_path / "fm", source=tiny_source)
     assert "writing Fashion-MNIST" in capsys.readouterr().out
@@ -84,8 +84,8 @@ def test_idx_files_become_betons_of_the_exact_pixels(tiny_source, tmp_path, caps
 @pytest.fixture
 def tiny_demo_data(tiny_source, tmp_path, monkeypatch):
     """`make-data fashion-mnist` and `demo` read tiny_source, and the demo keeps its data under tmp_path."""
-    from dataset_tools import fashion_mnist
     from fastimagenet import cli
+    from fastimagenet.dataset_tools import fashion_mnist
 
     prepare, betons = fashion_mnist.prepare_fashion_mnist, fashion_mnist.fashion_mnist_betons
     monkeypatch.setattr(fashion_mnist, "prepare_fashion_mnist", lambda out: prepare(out, source=tiny_source))
@@ -125,7 +125,7 @@ def test_demo_trains_with_every_loader(loader, tiny_demo_data, tmp_path, capsys)
     assert record["resolution"] == 16 and (loader == "synthetic" or record["val_images"] == 10)
     assert torch.load(run / "last.pt", weights_only=False)["model"]["fc.weight"].shape[0] == 10
     if loader == "ffcv":  # raw pixels: a 28 px image is not worth a second JPEG encoding
-        from dataset_tools.inspect_beton import inspect_beton
+        from fastimagenet.dataset_tools.inspect_beton import inspect_beton
 
         assert inspect_beton(cfg.data.train, verify=False)["write_modes"] == {"raw": 20}
 

@@ -19,22 +19,23 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
-from dataset_tools.beton_check import record_problems
-from dataset_tools.beton_file import Beton
-from dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
-from dataset_tools.inspect_beton import inspect_beton
-from dataset_tools.synthetic_jpegs import make_jpeg_folder
+from fastimagenet import loaders
 from fastimagenet import bench
 from fastimagenet.bench import bench_loader
 from fastimagenet.cli import main
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import DataConfig, load_config
-from fastimagenet.errors import UserError
-from loaders.augment import crop_windows
-from loaders.ffcv_options import FfcvOptions
-from loaders.options import LoaderConfig
-# FFCV's first import in a process picks numba's threading layer: it goes through the loader (runtime.importing_ffcv)
-from loaders.ffcv_loader import EpochIterator, _gpu_index, unpinned_host_bytes
+from fastimagenet.dataset_tools.beton_check import record_problems
+from fastimagenet.dataset_tools.beton_file import Beton
+from fastimagenet.dataset_tools.convert import ConvertOptions, convert, convert_folder, load_rgb
+from fastimagenet.dataset_tools.inspect_beton import inspect_beton
+from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
+from fastimagenet.loaders.augment import crop_windows
+from fastimagenet.loaders.ffcv_options import FfcvOptions
+from fastimagenet.loaders.options import LoaderConfig
+# FFCV's first import in a process picks numba's threading layer: it goes through the loader
+# (common.threads.importing_ffcv)
+from fastimagenet.loaders.ffcv_loader import EpochIterator, _gpu_index, unpinned_host_bytes
 from ffcv.types import HeaderType  # noqa: E402 - after the loader, which imports FFCV first
 from tests.conftest import TINY_RUN, PacedClock, make_spec, train
 
@@ -163,7 +164,7 @@ _LEAVES_AN_EPOCH = """
 import atexit, sys, threading
 atexit.register(lambda: print("epoch threads at exit", sum(type(t).__name__ == "_DeviceEpochIterator"
                                                             for t in threading.enumerate())))
-import loaders
+from fastimagenet import loaders
 from tests.conftest import make_spec
 batches = iter(loaders.build_loader("ffcv", make_spec(sys.argv[1], resolution=24, batch_size=8, name="ffcv")))
 next(batches), next(batches)
@@ -357,8 +358,8 @@ def test_torchrun_ranks_open_a_context_on_their_own_gpu_only(betons, tmp_path):
     assert ranks == [{"status": 0, "gpus": [0]}, {"status": 0, "gpus": [1]}]
 
 
-@pytest.mark.parametrize("first", ["import loaders.ffcv_loader",
-                                   "from dataset_tools.convert import ConvertOptions, write_records; "
+@pytest.mark.parametrize("first", ["import fastimagenet.loaders.ffcv_loader",
+                                   "from fastimagenet.dataset_tools.convert import ConvertOptions, write_records; "
                                    "write_records(Path(sys.argv[1]), [(np.zeros((8, 8, 3), np.uint8), 0)] * 4, "
                                    "ConvertOptions(write_mode='raw', workers=1))"])
 def test_the_first_ffcv_import_leaves_torchs_threads_alone(first, tmp_path):
@@ -379,8 +380,9 @@ import os, sys
 from pathlib import Path
 import numpy as np
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-import loaders, numba
-from dataset_tools.convert import ConvertOptions, write_records, write_sidecar
+import numba
+from fastimagenet import loaders
+from fastimagenet.dataset_tools.convert import ConvertOptions, write_records, write_sidecar
 from tests.conftest import make_spec
 write_records(Path(sys.argv[1]), [(np.full((8, 8, 3), i, np.uint8), i % 2) for i in range(8)],
               ConvertOptions(write_mode="raw", workers=1))
@@ -392,7 +394,7 @@ print("layer", numba.threading_layer(), "batches", len(batches))
 
 def test_a_process_on_one_cpu_writes_reads_and_exits(tmp_path):
     """numba's TBB pool never let such a process exit (it waited in unload_tbb at shutdown); the FFCV imports put
-    OpenMP first there (runtime.importing_ffcv)."""
+    OpenMP first there (common.threads.importing_ffcv)."""
     from tests.processes import run_to_end
 
     done = run_to_end([sys.executable, "-c", _ON_ONE_CPU, str(tmp_path / "one.beton")], tmp_path / "one-cpu.log",
@@ -553,7 +555,7 @@ def _psnr_against_lanczos(beton_path: Path, resolution: int) -> list[float]:
 @pytest.mark.parametrize("resolution", [128, 176, 224])
 def test_scaled_region_decode_stays_close_to_a_high_quality_reference(photos_beton, resolution, monkeypatch):
     region = _psnr_against_lanczos(photos_beton, resolution)
-    from loaders import ffcv_window_decoder  # FFCV is imported by now, through the loader's guard
+    from fastimagenet.loaders import ffcv_window_decoder  # FFCV is imported by now, through the loader's guard
 
     monkeypatch.setattr(ffcv_window_decoder, "decode_region", lambda *args: -1)  # every JPEG decoded whole
     whole = _psnr_against_lanczos(photos_beton, resolution)

@@ -14,14 +14,14 @@ import torch
 import yaml
 from PIL import Image
 
-import loaders
-from dataset_tools.scan import scan_image_folder
+from fastimagenet import loaders
 from fastimagenet import cli
 from fastimagenet import train as train_module
 from fastimagenet.checkpoint import CheckpointKeeper, check_resume_changes
 from fastimagenet.cli import main
+from fastimagenet.common.errors import Preempted, UserError
 from fastimagenet.config import differing_keys, from_saved, load_config
-from fastimagenet.errors import Preempted, UserError
+from fastimagenet.dataset_tools.scan import scan_image_folder
 from fastimagenet.metrics import read_metrics
 from fastimagenet.plan import build_plan
 from fastimagenet.plots import _summary
@@ -55,7 +55,8 @@ def test_an_unset_data_path_names_the_key_for_every_backend(name):
 
 def test_train_inside_a_class_folder_without_data_val_is_an_error_not_a_validation_on_it(jpeg_dataset, monkeypatch,
                                                                                           capsys):
-    """It used to validate on the current directory (here: the train split itself) without a word."""
+    """An unset data.val is an error naming it, not a validation on the current directory (here: the train split
+    itself)."""
     monkeypatch.chdir(jpeg_dataset / "train")
     before = sorted(os.listdir("."))
     args = ["train", f"data.train={jpeg_dataset / 'train'}", *TINY_RUN, *ONE_STAGE, "epochs=1"]
@@ -325,8 +326,9 @@ def test_help_speaks_to_users_and_shows_defaults(capsys):
 
 def test_demo_takes_runtime_out_dir_like_train(monkeypatch):
     seen = {}
-    monkeypatch.setattr("dataset_tools.fashion_mnist.prepare_fashion_mnist", lambda out: out)
-    monkeypatch.setattr("dataset_tools.fashion_mnist.fashion_mnist_betons", lambda out: (out / "t", out / "v"))
+    monkeypatch.setattr("fastimagenet.dataset_tools.fashion_mnist.prepare_fashion_mnist", lambda out: out)
+    monkeypatch.setattr("fastimagenet.dataset_tools.fashion_mnist.fashion_mnist_betons",
+                        lambda out: (out / "t", out / "v"))
     monkeypatch.setattr("fastimagenet.train.fit", lambda cfg, overwrite=False: seen.update(
         out=cfg.runtime.out_dir, overwrite=overwrite) or {"val_top1": 0.5})
     assert main(["demo", "runtime.out_dir=A"]) == 0 and seen == {"out": "A", "overwrite": False}

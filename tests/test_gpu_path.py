@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import OptimConfig, from_saved, load_config, save_config
-from fastimagenet.errors import UserError
 from fastimagenet.ema import ModelEma
 from fastimagenet.models import Normalized, build_model
 from fastimagenet.optim import build_optimizer
 from fastimagenet.plan import build_plan
 from fastimagenet.runtime import (Runtime, compile_module, missing_cuda_warning, recompile_limit, resolve_runtime,
                                   sync_bn_compile_warning)
-from fastimagenet.training_setup import build_training
 from fastimagenet.selfcheck import epochs_without_host_syncs, momentum_after_a_skipped_step, stream_stays_busy
+from fastimagenet.training_setup import build_training
 from tests.conftest import LEARNING_RUN, TINY_RUN, data_path, train
 
 
@@ -137,7 +137,7 @@ def test_batches_come_while_a_long_kernel_keeps_the_stream_busy(name, jpeg_datas
 
 @pytest.mark.gpu
 def test_batches_copied_ahead_on_a_side_stream_are_the_host_batches():
-    from loaders.base import copied_ahead
+    from fastimagenet.loaders.base import copied_ahead
 
     host = [(torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8).pin_memory(), torch.arange(4).pin_memory())
             for _ in range(5)]
@@ -197,7 +197,7 @@ def test_a_cuda_run_stopped_inside_an_epoch_resumes_there(jpeg_dataset, tmp_path
     GPU the float sums are not bit-identical from run to run, so the figures are compared loosely.)"""
     import signal
 
-    import loaders
+    from fastimagenet import loaders
     from fastimagenet.cli import main
     from fastimagenet.metrics import read_metrics
     from tests.step_signals import signalling_build

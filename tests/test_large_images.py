@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
-from dataset_tools.convert import load_rgb
-from dataset_tools.image_rules import DECODE_BUDGET
-from dataset_tools.scan import scan_image_folder
-from dataset_tools.synthetic_jpegs import make_jpeg_folder
-from dataset_tools.verify import cache_root, kept_samples
-from loaders import dali_loader
+from fastimagenet import loaders
+from fastimagenet.dataset_tools.convert import load_rgb
+from fastimagenet.dataset_tools.image_rules import DECODE_BUDGET
+from fastimagenet.dataset_tools.scan import scan_image_folder
+from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
+from fastimagenet.dataset_tools.verify import cache_root, kept_samples
+from fastimagenet.loaders import dali_loader
 from tests.conftest import data_path, make_spec
 from tests.test_bad_files import bomb_png
 from tests.test_dali_loader import cuda_spec, dali_spec
@@ -71,10 +71,10 @@ def test_the_100_megapixel_jpeg_is_kept_and_what_cannot_be_bounded_is_refused(la
 
 _PEAK_MEMORY = """
 import sys
-from dataset_tools.convert import load_rgb
-from dataset_tools.verify import inspect_image
-from loaders.augment import center_crop_box
-from loaders.image_decode import _pil_crop, decode_crop
+from fastimagenet.dataset_tools.convert import load_rgb
+from fastimagenet.dataset_tools.verify import inspect_image
+from fastimagenet.loaders.augment import center_crop_box
+from fastimagenet.loaders.image_decode import _pil_crop, decode_crop
 from PIL import Image
 from tests.decode_memory import peak_growth, refused_everywhere
 

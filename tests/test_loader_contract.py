@@ -6,23 +6,25 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
-from tests.conftest import data_path, make_spec
+from fastimagenet import loaders
+from tests.conftest import SHARDS, backend, data_path, make_spec
 
-# Every registered backend; those that read labelled data are checked for content too (`synthetic` makes up random
-# images and is checked for shape only).
-DATA_BACKENDS = [name for name in loaders.NAMES if loaders.reads(name)]
+# Every registered backend, and those that read sharded datasets on a local sharded copy; those that read labelled
+# data are checked for content too (`synthetic` makes up random images and is checked for shape only).
+SHARD_SOURCES = [f"torchvision{SHARDS}", f"dali{SHARDS}"]
+DATA_BACKENDS = [name for name in loaders.NAMES if loaders.reads(backend(name))] + SHARD_SOURCES
+SOURCES = list(loaders.NAMES) + SHARD_SOURCES
 
 
 def labels_of(loader) -> list[int]:
     return [int(v) for _, labels in loader for v in labels]
 
 
-@pytest.mark.parametrize("name", loaders.NAMES)
+@pytest.mark.parametrize("name", SOURCES)
 def test_batches_are_uint8_channels_last_and_reconfigure_changes_shape(name, jpeg_dataset, tmp_path):
     spec = make_spec(data_path(name, jpeg_dataset / "train", tmp_path), name=name, resolution=32, batch_size=8,
                      num_classes=4)
-    loader = loaders.build_loader(name, spec)
+    loader = loaders.build_loader(backend(name), spec)
     assert len(loader.classes) == 4
     batches = list(loader)
     assert len(batches) == len(loader) > 0
@@ -35,14 +37,14 @@ def test_batches_are_uint8_channels_last_and_reconfigure_changes_shape(name, jpe
     loader.reconfigure(48, 16)  # takes effect from the next pass
     images, labels = next(iter(loader))
     assert images.shape == (16, 3, 48, 48) and labels.shape == (16,)
-    assert len(loader) == 96 // 16 if loaders.reads(name) else len(loader) == 4096 // 16
+    assert len(loader) == 96 // 16 if loaders.reads(backend(name)) else len(loader) == 4096 // 16
 
 
 @pytest.mark.parametrize("name", DATA_BACKENDS)
 def test_order_is_deterministic_per_epoch(name, jpeg_dataset, tmp_path):
     path = data_path(name, jpeg_dataset / "train", tmp_path)
-    first = loaders.build_loader(name, make_spec(path, name=name, seed=3))
-    second = loaders.build_loader(name, make_spec(path, name=name, seed=3))
+    first = loaders.build_loader(backend(name), make_spec(path, name=name, seed=3))
+    second = loaders.build_loader(backend(name), make_spec(path, name=name, seed=3))
     first.set_epoch(1)
     second.set_epoch(1)
     epoch1 = labels_of(first)
@@ -55,7 +57,7 @@ def test_order_is_deterministic_per_epoch(name, jpeg_dataset, tmp_path):
 @pytest.mark.parametrize("name", DATA_BACKENDS)
 def test_val_yields_every_sample_once_in_order(name, jpeg_dataset, tmp_path):
     path = data_path(name, jpeg_dataset / "val", tmp_path)
-    loader = loaders.build_loader(name, make_spec(path, name=name, train=False, batch_size=5))
+    loader = loaders.build_loader(backend(name), make_spec(path, name=name, train=False, batch_size=5))
     labels = labels_of(loader)
     assert labels == sorted(labels) and len(labels) == 32  # 32 = 6 full batches + 2
     assert len(loader) == 7
@@ -66,7 +68,7 @@ def test_ranks_get_disjoint_shards_that_cover_the_data(name, one_per_class, tmp_
     path = data_path(name, one_per_class, tmp_path)
     seen = []
     for rank in range(2):
-        loader = loaders.build_loader(name, make_spec(path, name=name, batch_size=8, rank=rank, world_size=2))
+        loader = loaders.build_loader(backend(name), make_spec(path, name=name, batch_size=8, rank=rank, world_size=2))
         loader.set_epoch(5)
         seen.append(labels_of(loader))
     assert len(seen[0]) == len(seen[1]) == 8
@@ -95,7 +97,7 @@ def test_exif_orientation_is_ignored_by_every_backend(exif_rotated, tmp_path):
     for name in DATA_BACKENDS:
         spec = make_spec(data_path(name, exif_rotated, tmp_path), name=name, train=False, batch_size=2,
                          resolution=32)
-        (images, _), = list(loaders.build_loader(name, spec))
+        (images, _), = list(loaders.build_loader(backend(name), spec))
         outputs[name] = images.float()
     reference = outputs["torchvision"]
     assert reference.shape == (2, 3, 32, 32)
@@ -106,13 +108,13 @@ def test_exif_orientation_is_ignored_by_every_backend(exif_rotated, tmp_path):
         assert (images - reference).abs().mean() < 4, name  # same pixels within JPEG and resize tolerance
 
 
-@pytest.mark.parametrize("name", loaders.NAMES)
+@pytest.mark.parametrize("name", SOURCES)
 def test_a_resumed_epoch_yields_the_rest_of_the_same_epoch(name, jpeg_dataset, tmp_path):
     """set_epoch(epoch, first_step): the batches an uninterrupted pass yields from first_step on — the same
     samples on every backend, and the same pixels where crops are drawn per sample (all but FFCV, which draws its
     own)."""
     path = data_path(name, jpeg_dataset / "train", tmp_path)
-    loader = loaders.build_loader(name, make_spec(path, name=name, seed=4, batch_size=8, num_classes=4))
+    loader = loaders.build_loader(backend(name), make_spec(path, name=name, seed=4, batch_size=8, num_classes=4))
     loader.set_epoch(3)
     whole = [(images.clone(), labels.clone()) for images, labels in loader]
     loader.set_epoch(3, first_step=5)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from fastimagenet.errors import UserError
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import load_config
 from fastimagenet.models import ARCHS, Normalized, SubsampledPointwiseConv2d, build_model
 from fastimagenet.optim import param_groups

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import loaders
+from fastimagenet import loaders
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import CONFIGS_DIR, SOURCE_TREE, recipe_files
-from fastimagenet.errors import UserError
+from fastimagenet.dataset_tools import object_store
 from fastimagenet.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,10 +37,13 @@ def test_backend_extras_install_what_the_registry_asks_for():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = {name: {_requirement_name(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
     base = {_requirement_name(r) for r in project["dependencies"]}
-    assert set(extras) <= set(loaders.NAMES)
+    assert set(extras) <= set(loaders.NAMES) | {"s3"}
     for name, backend in loaders._BACKENDS.items():
         named = {_requirement_name(word) for word in backend.install.split("pip install", 1)[1].split()}
         assert named == extras[name] if name in extras else named <= base, (name, backend.install)
+    # s3:// data (any backend): the packages the object store's message names when boto3 is missing, and that extra
+    named = {_requirement_name(word) for word in object_store.INSTALL_HINT.split("pip install", 1)[1].split()[:1]}
+    assert named == extras["s3"] and "'fastimagenet[s3]'" in object_store.INSTALL_HINT
 
 
 def test_the_checkout_reads_its_own_configs_and_a_missing_directory_is_named(tmp_path):
@@ -53,7 +57,7 @@ def _borrowed_paths() -> list[str]:
     whatever .pth files add to it), less any entry that holds the project's own packages (the checkout itself)."""
     stdlib = Path(sysconfig.get_path("stdlib"))  # lib-dynload included
     return [entry for entry in sys.path if entry and Path(entry).is_dir() and not Path(entry).is_relative_to(stdlib)
-            and not any((Path(entry) / package).exists() for package in ("fastimagenet", "loaders", "dataset_tools"))]
+            and not (Path(entry) / "fastimagenet").exists()]
 
 
 def _run(command: list, cwd: Path, env: dict, timeout: float = 600) -> str:
@@ -89,8 +93,10 @@ def test_wheel_installed_outside_the_checkout_lists_the_recipes_and_trains(tmp_p
     recipes = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
     assert recipes and all(f"fastimagenet/configs/{name}.yaml" in contents for name in recipes)
     # the optional JPEG region decoder: where this machine built it for the checkout, the wheel has it too
-    decoder = find_spec("loaders._jpeg_roi") is not None
-    assert any(re.fullmatch(r"loaders/_jpeg_roi\..*\.so", name) for name in contents) or not decoder
+    decoder = find_spec("fastimagenet.loaders._jpeg_roi") is not None
+    assert any(re.fullmatch(r"fastimagenet/loaders/_jpeg_roi\..*\.so", name) for name in contents) or not decoder
+    # one name in site-packages: loaders/ and dataset_tools/ install inside the package
+    assert {name.split("/")[0] for name in contents if not name.startswith("fastimagenet-")} == {"fastimagenet"}
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], outside, env)
@@ -101,7 +107,8 @@ def test_wheel_installed_outside_the_checkout_lists_the_recipes_and_trains(tmp_p
     # --ignore-installed: the borrowed paths hold this checkout's own (editable) install; leave it alone
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", wheel], outside, env)
 
-    modules = ["fastimagenet", "loaders", "dataset_tools", "fastimagenet.config"] + ["loaders._jpeg_roi"] * decoder
+    modules = (["fastimagenet", "fastimagenet.loaders", "fastimagenet.dataset_tools", "fastimagenet.config"]
+               + ["fastimagenet.loaders._jpeg_roi"] * decoder)
     where = json.loads(_run([python, "-c", "import importlib, json, sys; from fastimagenet.config import CONFIGS_DIR; "
                              "print(json.dumps([importlib.import_module(m).__file__ for m in sys.argv[1:]] + "
                              "[str(CONFIGS_DIR)]))", *modules], outside, env))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import loaders
+from fastimagenet import loaders
 from fastimagenet.cli import main
 from fastimagenet.metrics import read_metrics
 from tests.conftest import TINY_RUN, data_path
@@ -174,8 +174,8 @@ def test_resume_auto_starts_continues_and_knows_when_it_is_done(jpeg_dataset, tm
 
 
 def test_preemption_settings_are_checked():
+    from fastimagenet.common.errors import UserError
     from fastimagenet.config import load_config
-    from fastimagenet.errors import UserError
 
     with pytest.raises(UserError, match="'runtime.checkpoint_every_min' must be 0 \\(off\\) or at least 1"):
         load_config(None, ["runtime.checkpoint_every_min=0.5"])

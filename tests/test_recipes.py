@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dataset_tools.synthetic_jpegs import make_jpeg_folder
 from fastimagenet.cli import main
+from fastimagenet.common.errors import UserError
 from fastimagenet.config import CONFIGS_DIR, _flatten, load_config
-from fastimagenet.errors import UserError
+from fastimagenet.dataset_tools.synthetic_jpegs import make_jpeg_folder
 from fastimagenet.metrics import read_metrics
-from fastimagenet.recipes import REFERENCE_LABEL, list_recipes, markdown_table, read_recipe
 from fastimagenet.plan import build_plan
+from fastimagenet.recipes import REFERENCE_LABEL, list_recipes, markdown_table, read_recipe
 from fastimagenet.schedules import lr_at
 
 RECIPES = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))

@@ -11,7 +11,7 @@ from tests.processes import run_to_end
 # selfcheck as a stock PyTorch container runs it: the optional packages and our C extension fail to import
 _STOCK = """
 import sys
-for name in ("nvidia.dali", "ffcv", "loaders._jpeg_roi"):
+for name in ("nvidia.dali", "ffcv", "fastimagenet.loaders._jpeg_roi"):
     sys.modules[name] = None  # import fails with ImportError
 from fastimagenet.cli import main
 sys.exit(main(["selfcheck", "--json", sys.argv[1]]))

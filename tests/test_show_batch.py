@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastimagenet.cli import main
 from fastimagenet import show_batch as show_batch_module
+from fastimagenet.cli import main
 from fastimagenet.show_batch import BORDER, CAPTION, first_batch, tile_origin
 from tests.conftest import data_path
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-import loaders
-from dataset_tools.scan import scan_image_folder
-from fastimagenet.errors import UserError
-from loaders import torchvision_loader
-from loaders.augment import center_crop_box
-from loaders.image_decode import decode_crop
-from loaders.torchvision_loader import shm_bytes_needed
+from fastimagenet import loaders
+from fastimagenet.common.errors import UserError
+from fastimagenet.dataset_tools.scan import scan_image_folder
+from fastimagenet.loaders import torchvision_loader
+from fastimagenet.loaders.augment import center_crop_box
+from fastimagenet.loaders.image_decode import decode_crop
+from fastimagenet.loaders.torchvision_loader import shm_bytes_needed
 from tests.conftest import make_spec
 
 
@@ -83,7 +83,7 @@ def test_strict_mode_makes_a_bad_file_an_error(folder_with_bad_files):
 _AFTER_OPENCV_THREADS = """
 import sys
 import cv2, numpy as np
-import loaders
+from fastimagenet import loaders
 from tests.conftest import make_spec
 cv2.resize(np.zeros((4000, 4000, 3), np.uint8), (8000, 8000))  # runs on OpenCV's thread pool, which now exists
 for images, labels in loaders.build_loader("torchvision", make_spec(sys.argv[1], workers=2)):
@@ -94,7 +94,8 @@ print("done")
 
 def test_workers_start_in_a_process_whose_opencv_pool_is_running(jpeg_dataset, tmp_path):
     """A process that resized a large image with OpenCV before its loader started (a convert, a benchmark of another
-    backend): its forked workers used to wait for ever on the thread pool they inherited without its threads."""
+    backend): its forked workers would wait for ever on the thread pool they inherit without its threads, unless
+    the pool is shrunk around their start (image_decode.forking_workers)."""
     run = subprocess.run([sys.executable, "-c", _AFTER_OPENCV_THREADS, str(jpeg_dataset / "train")],
                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60,
                          env={**os.environ, "FASTIMAGENET_CACHE": str(tmp_path)})

@@ -11,19 +11,19 @@ import torch
 import torchvision
 from torch import nn
 
-from fastimagenet.blurpool import BlurPoolConv2d
-from fastimagenet.cli import main
-from fastimagenet.config import load_config
-from fastimagenet.ema import ModelEma
-from fastimagenet.errors import UserError
 from fastimagenet import lr_find
 from fastimagenet import train as train_module
+from fastimagenet.blurpool import BlurPoolConv2d
+from fastimagenet.cli import main
+from fastimagenet.common.errors import UserError
+from fastimagenet.config import load_config
+from fastimagenet.ema import ModelEma
+from fastimagenet.evaluation import evaluate
 from fastimagenet.lr_find import lr_range_test, suggest_lr
 from fastimagenet.metrics import read_metrics
 from fastimagenet.models import build_model
-from fastimagenet.runtime import resolve_runtime
 from fastimagenet.plan import build_plan
-from fastimagenet.evaluation import evaluate
+from fastimagenet.runtime import resolve_runtime
 from fastimagenet.training_setup import build_loaders
 from tests.conftest import TINY_RUN
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-import loaders
-from loaders.base import cpus_per_process
+from fastimagenet import loaders
+from fastimagenet.loaders.base import cpus_per_process
 from tests.conftest import make_spec
 
 
@@ -24,7 +24,7 @@ def sixteen_cpus(monkeypatch):
 def test_a_narrowed_affinity_mask_narrows_the_share():
     """A real mask, as taskset, a container's cpuset or Slurm set it: one allowed CPU is one worker."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from loaders.base import cpus_per_process; print(cpus_per_process())")
+            "from fastimagenet.loaders.base import cpus_per_process; print(cpus_per_process())")
     env = {key: value for key, value in os.environ.items() if key != "LOCAL_WORLD_SIZE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "1"
