@@ -35,6 +35,14 @@ class ObjectCache:
         self.pinned: Counter[Path] = Counter()  # files this process still needs, by how many passes need them
         self._lock = threading.Lock()  # fills in this process's threads evict one at a time
 
+    def __getstate__(self) -> dict:
+        """Without its lock, which cannot be pickled: workers started by spawn or forkserver make their own."""
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def path_for(self, key: str, name: str) -> Path:
         """Where the object with content key `key` (a sha256, or URL + ETag) and file name `name` is kept."""
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]

@@ -109,6 +109,17 @@ def test_ffcv_reads_a_beton_from_a_bucket_once(s3, jpeg_dataset, tmp_path):
     assert copy.stat().st_ino == cache.joinpath(copy.name).stat().st_ino and copy.stat().st_mtime_ns >= stamp
 
 
+def test_bench_streams_a_bucket_through_a_small_cache_in_a_process_of_its_own(s3_shards, tmp_path, capsys,
+                                                                            monkeypatch):
+    """`bench loader` on an s3:// split: the pipeline runs in a spawned process whose DataLoader workers receive the
+    shard source (its cache included) pickled; a cache below the data's size makes every pass fetch again."""
+    monkeypatch.setenv("FASTIMAGENET_CACHE", str(tmp_path / "cache"))
+    assert main(["bench", "loader", "--loader", "torchvision", "--data", f"{s3_shards}/train", "--resolutions", "32",
+                 "--batch-size", "16", "--workers", "1", "--rounds", "1", "--cache-gb", "0.0001"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert row["images_per_s"] > 0
+
+
 def test_cache_keeps_to_its_limit_evicting_least_recently_used(s3_shards, tmp_path):
     index = read_index(f"{s3_shards}/train")
     biggest = max(shard.bytes for shard in index.shards)
