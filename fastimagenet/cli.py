@@ -7,6 +7,7 @@ Every command takes --help."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def cmd_demo(args) -> None:
 
 def cmd_bench_loader(args) -> None:
     from fastimagenet.bench import bench_loaders, loader_table, print_result
-    from fastimagenet.loaders.options import LoaderConfig
+    from fastimagenet.config import load_config
 
     if args.device == "cuda":
         import torch
@@ -95,7 +96,10 @@ def cmd_bench_loader(args) -> None:
     # `--baseline` with no value means the torchvision reference; no flag means no baseline.
     baselines = [] if args.baseline is None else list(dict.fromkeys(args.baseline or ["torchvision"]))
     names = list(dict.fromkeys(args.loader))
-    options = LoaderConfig(name=names[0], workers=args.workers, cache_gb=args.cache_gb)
+    not_loader = [item for item in args.overrides if not item.startswith("loader.")]
+    if not_loader:
+        raise UserError(f"bench loader: only loader.* settings apply here, not {', '.join(not_loader)}")
+    options = dataclasses.replace(load_config(None, args.overrides).loader, name=names[0], workers=args.workers)
     results = []
     for result in bench_loaders(names, args.data, args.resolutions, args.batch_size, args.workers, args.device,
                                 baselines, args.rounds, options, own_processes=True):
@@ -332,7 +336,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
     """`bench loader`: images/s of a loader alone."""
-    from fastimagenet.loaders.options import LoaderConfig  # numpy + PIL only: a light import
     bl = bench_sub.add_parser("loader", help="Images/s of loaders alone (median of timed passes), against baselines: one JSON line per backend and resolution, then a table.")
     bl.add_argument("--loader", choices=loaders.NAMES, nargs="+", required=True,
                     help="Loader backend(s) to measure; several are measured in one run, taking turns.")
@@ -349,9 +352,6 @@ def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
     bl.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Where batches are delivered.")
     bl.add_argument("--rounds", type=int, default=3,
                     help="Timed passes per pipeline, taken in turns after one untimed pass each; medians reported.")
-    bl.add_argument("--cache-gb", type=float, default=LoaderConfig.cache_gb,
-                    help="The node cache's limit for data read from s3:// (loader.cache_gb); one below the data's "
-                         "size makes every pass fetch its shards again: the cost of reading through the store.")
     bl.add_argument("--baseline", nargs="*", choices=("raw", "decode", "folder", *loaders.NAMES),
                     help="Also measure, in the same run: 'raw' (each backend's own library used by hand), a "
                          "backend's name (that backend's library used by hand on the same images: 'torchvision' is "
@@ -362,6 +362,10 @@ def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
                          "shards were written from). Every pipeline runs in a process of its own. JSON keys: "
                          "<baseline>_images_per_s, ratio_vs_<baseline> (of the medians) and "
                          "round_ratios_vs_<baseline> (within each round); then a table.")
+    bl.add_argument("overrides", nargs="*", metavar="loader.KEY=VALUE",
+                    help="Loader settings as in `train`, e.g. loader.cache_gb=0.05 loader.shuffle_buffer=512 (a node "
+                         "cache smaller than the shards a shuffle buffer spans makes every pass fetch them again "
+                         "from s3://).")
     bl.set_defaults(func=cmd_bench_loader)
 
 

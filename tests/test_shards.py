@@ -112,12 +112,16 @@ def test_ffcv_reads_a_beton_from_a_bucket_once(s3, jpeg_dataset, tmp_path):
 def test_bench_streams_a_bucket_through_a_small_cache_in_a_process_of_its_own(s3_shards, tmp_path, capsys,
                                                                             monkeypatch):
     """`bench loader` on an s3:// split: the pipeline runs in a spawned process whose DataLoader workers receive the
-    shard source (its cache included) pickled; a cache below the data's size makes every pass fetch again."""
+    shard source (its cache included) pickled; a cache smaller than the shards a shuffle buffer spans makes every
+    pass fetch them again."""
     monkeypatch.setenv("FASTIMAGENET_CACHE", str(tmp_path / "cache"))
     assert main(["bench", "loader", "--loader", "torchvision", "--data", f"{s3_shards}/train", "--resolutions", "32",
-                 "--batch-size", "16", "--workers", "1", "--rounds", "1", "--cache-gb", "0.0001"]) == 0
+                 "--batch-size", "16", "--workers", "1", "--rounds", "1", "loader.cache_gb=0.0001",
+                 "loader.shuffle_buffer=8"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert row["images_per_s"] > 0
+    shards = len(read_index(f"{s3_shards}/train").shards)
+    assert len(list((tmp_path / "cache").rglob("*.tar"))) < shards  # streamed: the cache kept to its limit
 
 
 def test_cache_keeps_to_its_limit_evicting_least_recently_used(s3_shards, tmp_path):
