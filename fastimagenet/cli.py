@@ -365,7 +365,7 @@ def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
     bl.add_argument("overrides", nargs="*", metavar="loader.KEY=VALUE",
                     help="Loader settings as in `train`, e.g. loader.cache_gb=0.05 loader.shuffle_buffer=512 (a node "
                          "cache smaller than the shards a shuffle buffer spans makes every pass fetch them again "
-                         "from s3://).")
+                         "from s3://); given before --loader and --baseline, whose lists would take them.")
     bl.set_defaults(func=cmd_bench_loader)
 
 
