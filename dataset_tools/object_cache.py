@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -34,6 +35,7 @@ class ObjectCache:
         self.limit = int(limit_gb * 1e9)
         self.pinned: Counter[Path] = Counter()  # files this process still needs, by how many passes need them
         self._lock = threading.Lock()  # fills in this process's threads evict one at a time
+        self._told_over_limit = False
 
     def __getstate__(self) -> dict:
         """Without its lock, which cannot be pickled: workers started by spawn or forkserver make their own."""
@@ -93,3 +95,9 @@ class ObjectCache:
                 continue
             path.unlink(missing_ok=True)
             used -= size
+        if used + incoming > self.limit and not self._told_over_limit:
+            self._told_over_limit = True  # once per process: the same pins recur every group of shards
+            print(f"warning: cache {self.folder} holds {(used + incoming) / 1e9:.2f} GB, over its "
+                  f"{self.limit / 1e9:.2f} GB limit: the shards the coming batches need stay (a group of "
+                  "loader.shuffle_buffer samples and the shards fetched ahead); raise loader.cache_gb or lower "
+                  "loader.shuffle_buffer", file=sys.stderr)

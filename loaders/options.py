@@ -20,8 +20,9 @@ class LoaderConfig:
     workers: int = 0  # 0: this process's share of the CPUs (affinity / LOCAL_WORLD_SIZE), half of it for val
     synthetic_samples: int = 4096  # images per epoch for the synthetic loader
     # sharded datasets (loaders/shard_source.py): where a node keeps its copies of remote shards and .beton files
-    # ("": $FASTIMAGENET_CACHE/objects), how much of the disk they may take, and the shuffle buffer in samples (a
-    # window of the epoch's shard stream: the order is computed, so it costs cache space, not memory)
+    # ("": $FASTIMAGENET_CACHE/objects), how much of the disk they may take, and the samples an epoch shuffles
+    # together (groups of consecutive shards of at least this many: the order is computed, so a group costs cache
+    # space, not memory)
     cache_dir: str = ""
     cache_gb: float = 100.0
     shuffle_buffer: int = 16384
