@@ -97,7 +97,7 @@ class ObjectCache:
             used -= size
         if used + incoming > self.limit and not self._told_over_limit:
             self._told_over_limit = True  # once per process: the same pins recur every group of shards
-            print(f"warning: cache {self.folder} holds {(used + incoming) / 1e9:.2f} GB, over its "
-                  f"{self.limit / 1e9:.2f} GB limit: the shards the coming batches need stay (a group of "
+            print(f"warning: cache {self.folder} holds {(used + incoming) / 1e9:.3g} GB, over its "
+                  f"{self.limit / 1e9:.3g} GB limit: the shards the coming batches need stay (a group of "
                   "loader.shuffle_buffer samples and the shards fetched ahead); raise loader.cache_gb or lower "
                   "loader.shuffle_buffer", file=sys.stderr)
