@@ -206,8 +206,10 @@ def _pipelines(names: list[str], data: str, baselines: list[str], spec: LoaderSp
             return dataclasses.replace(spec, path=data)
         return dataclasses.replace(spec, path=loaders.data_for(name, images, scratch, spec.workers()))
 
-    if not str(data).strip() and [baseline for baseline in baselines if baseline != "raw"]:
-        raise UserError("bench loader: the baselines other than 'raw' read the images of --data: give it")
+    reading_images = [baseline for baseline in baselines if baseline != "raw"]
+    if not str(data).strip() and reading_images:
+        raise UserError(f"bench loader: --baseline {reading_images[0]} reads an ImageFolder: give it with --data DIR "
+                        "(or a .beton or sharded split written from one)")
     if "folder" in baselines and not sharded:
         raise UserError("bench loader: --baseline folder compares a sharded split (--data) with the image folder it "
                         "was written from")

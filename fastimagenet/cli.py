@@ -344,7 +344,7 @@ def _add_bench_loader(bench_sub: argparse._SubParsersAction) -> None:
                                                "reads them in its own form (a folder's images are converted to a "
                                                "temporary .beton for ffcv; backends that read shards read them as "
                                                "they are).")
-    bl.add_argument("--resolutions", "--resolution", type=_resolutions, default=[176], metavar="PX[,PX...]",
+    bl.add_argument("--resolutions", "--resolution", type=_resolutions, default="176", metavar="PX[,PX...]",
                     help="Output resolution(s) in pixels, e.g. 128,176,224: each is measured in turn, every "
                          "pipeline rebuilt for it.")
     bl.add_argument("--batch-size", type=int, default=64, help="Images per batch.")

@@ -72,7 +72,7 @@ def test_an_error_in_a_pipelines_process_is_the_users_error_message(tmp_path, ca
 @pytest.mark.parametrize("args, message", [
     (["--resolutions", "128,x"], "expected pixel counts separated by commas"),
     (["--resolutions", "0,128"], "resolutions must be positive"),
-    (["--baseline", "decode", "--data", ""], "the baselines other than 'raw' read the images of --data"),
+    (["--baseline", "decode", "--data", ""], "--baseline decode reads an ImageFolder: give it with --data"),
     (["--rounds", "0"], "--rounds must be at least 1"),
 ])
 def test_bad_input_is_a_clear_error(args, message, jpeg_dataset, capsys):

@@ -251,3 +251,18 @@ def test_convert_refuses_a_beton_write_mode_for_shards(jpeg_dataset, tmp_path, c
                  "--write-mode", "raw"]) != 0
     assert "--write-mode raw: shards store JPEGs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_decode_of_shard_bytes_matches_the_cpu_decode(jpeg_dataset, tmp_path):
+    """nvJPEG fed a sharded split's bytes through the external source: the CPU decode's labels, and its pixels within
+    the two decoders' noise (tests/test_dali_loader.py compares them on files the same way)."""
+    from tests.test_dali_loader import cuda_spec, dali_spec
+
+    shards = data_path("dali:shards", jpeg_dataset / "train", tmp_path)
+    gpu = loaders.build_loader("dali", cuda_spec(shards, batch_size=8, seed=3))
+    cpu = loaders.build_loader("dali", dali_spec(shards, batch_size=8, seed=3))
+    for (on_gpu, gpu_labels), (on_cpu, cpu_labels) in zip(gpu, cpu):
+        assert on_gpu.is_cuda and torch.equal(gpu_labels.cpu(), cpu_labels)
+        difference = (on_gpu.cpu().float() - on_cpu.float()).abs()
+        assert difference.mean() < 3 and difference.quantile(0.99) < 32
