@@ -345,7 +345,8 @@ def epoch_record(run: Training, row: EpochPlan, train: EpochResult, val: dict) -
         "epoch_time_s": train.seconds,
         "tflops": flops_per_image * train.images_per_s / 1e12,  # achieved, all devices together
         "skipped_files": int(skipped.item()),  # sync: once per epoch
-        "fetch_retries": object_store.retry_count(),  # this rank's object-store errors retried so far
+        # this rank's object-store errors retried in this run so far
+        "fetch_retries": object_store.retry_count() - run.retries_before,
     }
     peak = peak_tflops(rt.device, rt.precision, run.cfg.runtime.peak_tflops)
     utilisation = mfu(flops_per_image, train.images_per_s, peak, run.env.world_size)

@@ -14,6 +14,7 @@ from torch import nn
 from fastimagenet import loaders
 from fastimagenet.checkpoint import restore_rng_state, training_state
 from fastimagenet.config import Config, to_dict
+from fastimagenet.dataset_tools import object_store
 from fastimagenet.distributed import DistEnv, keeps_gradients, wrap_ddp
 from fastimagenet.ema import ModelEma
 from fastimagenet.flops import TrainFlops
@@ -43,6 +44,7 @@ class Training:
     flops: TrainFlops
     keeps_gradients: bool  # zero gradients in place, never drop them (DDP's bucket views: distributed.py)
     plateau: Plateau | None  # schedule.lr=plateau: the validation-driven LR scale
+    retries_before: int  # object-store retries this process made before the run (object_store.retry_count)
 
     @property
     def lr_scale(self) -> float:
@@ -102,6 +104,7 @@ def to_device(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
 def build_training(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(), state: dict | None = None,
                    with_val: bool = True) -> Training:
     """`state`: a checkpoint to continue from (weights, optimizer, scaler, EMA and RNG are restored from it)."""
+    retries_before = object_store.retry_count()
     train_loader, val_loader = build_loaders(cfg, plan, rt, env, with_val)
     num_classes = cfg.data.num_classes or len(train_loader.classes)
 
@@ -136,4 +139,4 @@ def build_training(cfg: Config, plan: Plan, rt: Runtime, env: DistEnv = DistEnv(
     return Training(cfg=cfg, plan=plan, rt=rt, env=env, model=model, train_module=train_module, forward=forward,
                     optimizer=optimizer, scaler=scaler, ema=ema, ema_forward=ema_forward,
                     train_loader=train_loader, val_loader=val_loader, flops=TrainFlops(make_model),
-                    keeps_gradients=keeps_gradients(train_module), plateau=plateau)
+                    keeps_gradients=keeps_gradients(train_module), plateau=plateau, retries_before=retries_before)
