@@ -66,6 +66,12 @@ def _count(retries: int) -> None:
             _retries += retries
 
 
+def _counted(response: dict) -> dict:
+    """`response`, its boto3 retries counted."""
+    _count(response["ResponseMetadata"].get("RetryAttempts", 0))
+    return response
+
+
 def _split(url: str) -> tuple[str, str]:
     bucket, _, key = url[len("s3://"):].partition("/")
     if not bucket:
@@ -157,9 +163,7 @@ def read_bytes(url: str) -> bytes:
     bucket, key = _split(url)
 
     def attempt() -> bytes:
-        response = _client().get_object(Bucket=bucket, Key=key)
-        _count(response["ResponseMetadata"].get("RetryAttempts", 0))
-        return response["Body"].read()
+        return _counted(_client().get_object(Bucket=bucket, Key=key))["Body"].read()
 
     return _with_retries(url, attempt)
 
@@ -169,8 +173,7 @@ def head(url: str) -> tuple[int, str, str | None]:
     bucket, key = _split(url)
 
     def attempt():
-        response = _client().head_object(Bucket=bucket, Key=key)
-        _count(response["ResponseMetadata"].get("RetryAttempts", 0))
+        response = _counted(_client().head_object(Bucket=bucket, Key=key))
         return response["ContentLength"], response.get("ETag", ""), response.get("Metadata", {}).get(_SHA256_KEY)
 
     return _with_retries(url, attempt)
@@ -179,21 +182,11 @@ def head(url: str) -> tuple[int, str, str | None]:
 def exists(url: str) -> bool:
     if not is_remote(url):
         return Path(url).exists()
-    bucket, key = _split(url)
-
-    def attempt() -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            response = _client().head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-        _count(response["ResponseMetadata"].get("RetryAttempts", 0))
-        return True
-
-    return _with_retries(url, attempt)
+    try:
+        head(url)
+    except MissingObject:
+        return False
+    return True
 
 
 def download(url: str, dest: Path, sha256: str | None = None, size: int | None = None) -> Path:
@@ -215,8 +208,7 @@ def download(url: str, dest: Path, sha256: str | None = None, size: int | None =
 
 def _fetch(bucket: str, key: str, tmp: Path) -> str | None:
     """One attempt at the whole object into `tmp` (truncated first); returns the sha256 stored with it, if any."""
-    response = _client().get_object(Bucket=bucket, Key=key)
-    _count(response["ResponseMetadata"].get("RetryAttempts", 0))
+    response = _counted(_client().get_object(Bucket=bucket, Key=key))
     with open(tmp, "wb") as out:
         for chunk in response["Body"].iter_chunks(_CHUNK):
             out.write(chunk)
@@ -241,14 +233,15 @@ def _check(url: str, path: Path, sha256: str | None, size: int | None) -> None:
                         "damaged or replaced object; write the dataset again with `fastimagenet convert`)")
 
 
-def put_file(path: Path, url: str) -> None:
-    """Local file `path` stored at `url` (an object, with its sha256 in the metadata; or a local file, atomically)."""
+def put_file(path: Path, url: str, sha256: str | None = None) -> None:
+    """Local file `path` stored at `url` (an object, with its sha256 in the metadata; or a local file, atomically).
+    `sha256`: the file's, when the caller has it already."""
     if not is_remote(url):
         with atomic_output(url) as tmp:
             shutil.copyfile(path, tmp)
         return
     bucket, key = _split(url)
-    sha256 = file_sha256(path)
+    sha256 = sha256 or file_sha256(path)
 
     def attempt() -> None:
         # upload_file switches to multipart for large files; the metadata travels with it either way

@@ -276,8 +276,8 @@ def convert_split_to_shards(src: str | os.PathLike, dst: str, options: ConvertOp
 def _finish(writer: _ShardWriter, folder: Path, dst: str, remote: bool) -> dict:
     entry = writer.finish()
     if remote:  # uploaded, then the local copy goes
-        for name in (writer.name, writer.path.with_suffix(".idx").name):
-            object_store.put_file(folder / name, object_store.join(dst, name))
+        for name, sha256 in ((writer.name, entry["sha256"]), (writer.path.with_suffix(".idx").name, None)):
+            object_store.put_file(folder / name, object_store.join(dst, name), sha256)
             (folder / name).unlink()
     return entry
 
