@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from fastimagenet.cli import main
 from fastimagenet.common.errors import UserError
 from fastimagenet.dataset_tools import object_store
 from fastimagenet.dataset_tools.object_cache import ObjectCache
-from fastimagenet.dataset_tools.shards import read_index
+from fastimagenet.dataset_tools.shards import Shard, read_index
+from fastimagenet.loaders.shard_source import shard_order
 from tests.conftest import data_path, make_spec, train
 from tests.processes import Started
 from tests.s3_server import BUCKET, _moto_port, fault_proxy, s3  # noqa: F401 - fixtures
@@ -76,7 +78,8 @@ def test_convert_round_trip_reads_back_every_image_and_label(where, s3, jpeg_dat
 
 
 @pytest.mark.parametrize("name", ["torchvision", "dali"])
-def test_train_from_a_bucket_learns(name, s3_shards, tmp_path):
+def test_train_from_a_bucket_learns(name, s3_shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(object_store, "_retries", 7)  # an earlier run's retries in this process: not this run's
     out = tmp_path / "run"
     args = ["train", "--loader", name, f"data.train={s3_shards}/train", f"data.val={s3_shards}/val",
             f"runtime.out_dir={out}", f"loader.cache_dir={tmp_path / 'cache'}", "epochs=5",
@@ -141,6 +144,30 @@ def test_cache_keeps_to_its_limit_evicting_least_recently_used(s3_shards, tmp_pa
     spec.options.cache_dir, spec.options.cache_gb = str(tmp_path / "small"), 2.5 * biggest / 1e9
     loader = loaders.build_loader("torchvision", spec)
     assert sorted(labels_of(loader)) == sorted(index.labels.tolist())
+
+
+def test_an_epoch_reads_its_shards_a_group_at_a_time():
+    """The order of (seed, epoch): every sample once; each shard's samples lie within one group of consecutive shards
+    of at least loader.shuffle_buffer samples, so the shards an epoch needs at once (and keeps in the cache) are a
+    group's, whatever the data's size."""
+    shards = [Shard(f"shard-{n:06d}.tar", 10 * n, 10, 0, "") for n in range(20)]
+    index = SimpleNamespace(shards=shards, shard_of=np.repeat(np.arange(20), 10))
+    order = shard_order(index, seed=0, epoch=3, window=25)  # groups of 3 shards, 30 samples (the last: 2)
+    assert sorted(order.tolist()) == list(range(200))
+    assert np.array_equal(order, shard_order(index, seed=0, epoch=3, window=25))
+    assert not np.array_equal(order, shard_order(index, seed=0, epoch=4, window=25))
+    for start in range(0, 200, 30):
+        assert len(set(index.shard_of[order[start : start + 30]].tolist())) <= 3
+
+
+def test_a_cache_over_its_limit_says_so_once(s3_shards, tmp_path, capsys):
+    """Shards the coming batches need stay even past the limit: the cache warns, naming the settings to change."""
+    index = read_index(f"{s3_shards}/train")
+    cache = ObjectCache(tmp_path / "cache", 1.5 * max(shard.bytes for shard in index.shards) / 1e9)
+    for number, shard in enumerate(index.shards[:3]):
+        cache.pinned[cache.local(index.shard_url(number), shard.sha256, shard.sha256, shard.bytes)] += 1
+    err = capsys.readouterr().err
+    assert err.count("over its") == 1 and "raise loader.cache_gb or lower loader.shuffle_buffer" in err
 
 
 def test_a_resumed_epoch_from_a_bucket_is_the_rest_of_the_same_epoch(s3_shards, tmp_path):
